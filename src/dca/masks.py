@@ -1,0 +1,123 @@
+"""Attention masks and position ids for many augmentation groups in one pass.
+
+A *group* is what one augmentation point t adds after the original sequence: N soft tokens for the
+coprocessor, or N latents followed by the ahead tokens for the decoder. All P groups of a row are
+laid side by side after the row's original tokens (which live in the cache), and the mask lets each
+group see exactly what it would see at inference if the prompt ended at t:
+
+* original tokens j <= t (and not padding),
+* its own earlier members (causally) -- or all its members, for bidirectional soft tokens,
+* never later original tokens, and never another group.
+
+Positions follow the inference convention: the k-th member of a group (k = 0, 1, ...) sits at
+``position(t) + 1 + k``, so latents occupy t+1 .. t+N and the text resumes at t+N+1.
+
+Masks are additive floats (0 = attend, dtype minimum = blocked): transformers' eager attention
+silently ignores a boolean 4D mask, and -inf turns fully blocked rows into NaNs.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def prefix_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a (possibly left- or right-padded) batch, the way `generate` computes them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
+
+
+def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B, P * group_size] positions: member k of the group after token t sits at pos(t) + 1 + k."""
+    start = prefix_positions.gather(1, insert_at) + 1  # [B, P]
+    offsets = torch.arange(group_size, device=insert_at.device)
+    return (start[:, :, None] + offsets).flatten(1)
+
+
+def group_attention_allowed(
+    prefix_valid: torch.Tensor,
+    prefix_positions: torch.Tensor,
+    insert_at: torch.Tensor,
+    group_size: int,
+    *,
+    causal_within_group: bool = True,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean [B, Q, T + Q] where Q = P * group_size: may query q attend to key k?
+
+    Keys are the T original tokens (the cache) followed by the Q group members themselves.
+    """
+    batch, length = prefix_valid.shape
+    num_groups = insert_at.shape[1]
+    device = insert_at.device
+    q_len = num_groups * group_size
+
+    query_group = torch.arange(num_groups, device=device).repeat_interleave(group_size)  # [Q]
+    query_member = torch.arange(group_size, device=device).repeat(num_groups)  # [Q]
+    query_insert = insert_at[:, query_group]  # [B, Q]: the t each query's group was inserted after
+
+    key_index = torch.arange(length, device=device)
+    to_prefix = (key_index[None, None, :] <= query_insert[:, :, None]) & prefix_valid[:, None, :].bool()
+
+    same_group = query_group[:, None] == query_group[None, :]
+    if causal_within_group:
+        same_group = same_group & (query_member[None, :] <= query_member[:, None])
+    to_group = same_group[None].expand(batch, q_len, q_len)
+
+    if sliding_window is not None:
+        query_pos = group_position_ids(prefix_positions, insert_at, group_size)  # [B, Q]
+        to_prefix = to_prefix & (query_pos[:, :, None] - prefix_positions[:, None, :] < sliding_window)
+        to_group = to_group & (query_member[:, None] - query_member[None, :] < sliding_window)[None]
+    return torch.cat([to_prefix, to_group], dim=-1)
+
+
+def to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean [B, Q, K] -> additive [B, 1, Q, K] float mask."""
+    blocked = torch.finfo(dtype).min
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, blocked)[:, None]
+
+
+def attention_kinds(config: PretrainedConfig) -> dict[str, int | None]:
+    """The attention kinds a model's layers use, each with its sliding window (None = unlimited).
+
+    Models with per-layer types (Gemma 2/3, Qwen2, ...) take a dict of masks keyed by kind; the
+    others take one tensor, which is returned under the key ``None`` in the caller.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not layer_types:
+        return {FULL: window}  # e.g. Mistral: one kind, windowed if the config says so
+    unsupported = set(layer_types) - {FULL, SLIDING}
+    if unsupported:
+        raise NotImplementedError(f"dca cannot yet build masks for attention kinds {sorted(unsupported)} "
+                                  f"of model type {config.model_type!r}")
+    return {kind: (window if kind == SLIDING else None) for kind in dict.fromkeys(layer_types)}
+
+
+def group_attention_mask(
+    config: PretrainedConfig,
+    prefix_valid: torch.Tensor,
+    prefix_positions: torch.Tensor,
+    insert_at: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype,
+    *,
+    causal_within_group: bool = True,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The mask argument a transformers model takes for P groups laid after a cached prefix."""
+    kinds = attention_kinds(config)
+    masks = {
+        kind: to_additive(
+            group_attention_allowed(prefix_valid, prefix_positions, insert_at, group_size,
+                                    causal_within_group=causal_within_group, sliding_window=window),
+            dtype,
+        )
+        for kind, window in kinds.items()
+    }
+    if getattr(config, "layer_types", None):
+        return masks
+    return masks[FULL]

@@ -1,0 +1,260 @@
+"""`AugmentedLM`: a frozen decoder plus an optional coprocessor that augments its cache.
+
+The three passes of training (`training_loss`), each over the whole batch at once:
+
+1. the frozen decoder reads the original sequence, without gradients, into a cache;
+2. the coprocessor reads that cache with P groups of N soft tokens, one group per insertion
+   point t, and returns P * N latents;
+3. the decoder reads P groups of [N latents, ahead tokens x[t+1 .. t+A-1]] after the same cache
+   and is scored on x[t+1 .. t+A].
+
+Masks (`dca.masks`) make every group see only x[0..t] and itself, so each group computes exactly
+what `augment` followed by ordinary decoding would compute if the prompt ended at t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from dca.cache import fork_cache
+from dca.config import CoprocessorConfig
+from dca.coprocessor import Coprocessor
+from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
+
+
+@dataclass
+class AugmentOutput:
+    """The result of augmenting a prompt's cache once, at its end."""
+
+    past_key_values: DynamicCache  # the prompt followed by the N latents
+    logits: torch.Tensor  # [B, vocab]: the decoder's next-token logits after the last latent
+    latents: torch.Tensor  # [B, N, hidden]: what was written into the cache
+    attention_mask: torch.Tensor  # [B, L + N]: the prompt's mask extended over the latents
+
+
+@dataclass
+class TrainingLoss:
+    """The one-pass objective with its per-token parts, for logging and for checking."""
+
+    loss: torch.Tensor  # mean cross-entropy over every valid ahead token of every group
+    token_losses: torch.Tensor  # [B, P, A], zero where there is no target
+    target_mask: torch.Tensor  # [B, P, A] bool: x[t+k] exists (and is not padding)
+    baseline_token_losses: torch.Tensor | None = None  # [B, P, A]: same targets, no augmentation
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+    @property
+    def baseline_loss(self) -> torch.Tensor | None:
+        if self.baseline_token_losses is None:
+            return None
+        return self.baseline_token_losses.sum() / self.target_mask.sum().clamp(min=1)
+
+
+class AugmentedLM(nn.Module):
+    """A frozen Hugging Face causal LM with a trainable cache-augmenting coprocessor."""
+
+    def __init__(self, decoder: PreTrainedModel, config: CoprocessorConfig | None = None,
+                 coprocessor: Coprocessor | None = None):
+        super().__init__()
+        decoder.requires_grad_(False)
+        decoder.eval()
+        self.decoder = decoder
+        self.config = config
+        self.coprocessor = coprocessor if coprocessor is not None or config is None else Coprocessor(decoder, config)
+
+    @classmethod
+    def from_decoder(cls, decoder: PreTrainedModel, config: CoprocessorConfig | None = None) -> AugmentedLM:
+        """Freeze `decoder` and build a coprocessor for it (the default config if none is given)."""
+        if not isinstance(decoder, PreTrainedModel):
+            raise TypeError(f"from_decoder needs a transformers PreTrainedModel, got {type(decoder).__name__}")
+        return cls(decoder, config or CoprocessorConfig())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, decoder: PreTrainedModel) -> AugmentedLM:
+        """Load a coprocessor saved by `save_pretrained` onto the decoder it was trained for."""
+        from dca.adapter import load_adapter
+
+        return load_adapter(path, decoder)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the coprocessor as config JSON + safetensors (atomically)."""
+        from dca.adapter import save_adapter
+
+        return save_adapter(self, path)
+
+    def train(self, mode: bool = True) -> AugmentedLM:
+        super().train(mode)
+        self.decoder.eval()  # the decoder is frozen: no dropout, ever
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.get_input_embeddings().weight.device
+
+    def _require_coprocessor(self) -> Coprocessor:
+        if self.coprocessor is None:
+            raise RuntimeError("this AugmentedLM has no coprocessor: build one with AugmentedLM.from_decoder(decoder, "
+                               "config) or load one with AugmentedLM.from_pretrained(path, decoder)")
+        return self.coprocessor
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(input_ids)
+
+    # ------------------------------------------------------------------ training: one pass, P groups
+    def training_loss(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *, with_baseline: bool = False) -> TrainingLoss:
+        """The paper's objective for P insertion points per row, in one pass over the batch.
+
+        Args:
+            input_ids: [B, T] token ids.
+            positions: [B, P] insertion indices t: latents computed from x[0..t] go after token t.
+            attention_mask: [B, T], 1 for real tokens (left or right padding).
+            with_baseline: also score the same targets without augmentation (costs one LM head).
+        """
+        coprocessor = self._require_coprocessor()
+        config = coprocessor.config
+        input_ids, attention_mask = _check_batch(input_ids, attention_mask)
+        positions = _check_positions(positions, attention_mask)
+        n, a = config.num_latents, config.num_ahead
+        prefix_pos = prefix_position_ids(attention_mask)
+        arange_a = torch.arange(1, a + 1, device=input_ids.device)
+        target_index = positions[:, :, None] + arange_a  # [B, P, A]: x[t+1 .. t+A]
+        in_bounds = target_index < input_ids.shape[1]
+        target_index = target_index.clamp(max=input_ids.shape[1] - 1)
+        target_mask = in_bounds & attention_mask.gather(1, target_index.flatten(1)).view_as(in_bounds).bool()
+        targets = input_ids.gather(1, target_index.flatten(1)).view_as(target_index)
+
+        # 1. the frozen decoder over the original tokens: a full-length cache (no sliding-window eviction)
+        cache = DynamicCache()
+        with torch.no_grad():
+            prefix_out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
+                                      past_key_values=cache, use_cache=True,
+                                      logits_to_keep=(target_index - 1).flatten(1) if with_baseline else 1)
+        baseline = None
+        if with_baseline:
+            baseline = _token_losses(prefix_out.logits.view(*targets.shape, -1), targets, target_mask)
+
+        # 2. the coprocessor: P groups of N soft tokens over a fork of that cache
+        latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, positions, n,
+                                                                      causal=config.soft_token_attention == "causal"))
+
+        # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
+        group = n + a - 1
+        ahead = self._embed(targets[:, :, : a - 1])  # [B, P, A-1, H]
+        embeds = torch.cat([latents.view(*positions.shape, n, -1), ahead.to(latents.dtype)], dim=2).flatten(1, 2)
+        keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
+                + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
+        mask, group_pos = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
+                           past_key_values=fork_cache(cache), use_cache=True, logits_to_keep=keep)
+        token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
+        loss = token_losses.sum() / target_mask.sum().clamp(min=1)
+        return TrainingLoss(loss, token_losses, target_mask, baseline)
+
+    def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
+                      group_size: int, *, causal: bool):
+        mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
+                                    self.decoder.dtype, causal_within_group=causal)
+        return mask, group_position_ids(prefix_pos, positions, group_size)
+
+    # ------------------------------------------------------------------ inference: once, at the prompt's end
+    @torch.no_grad()
+    def augment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
+        """Run the prompt, call the coprocessor once at its end, and write the latents into the cache.
+
+        Batches must be left-padded (as for `generate`); each row gives what it would alone.
+        """
+        return self.augment_with_grad(input_ids, attention_mask)
+
+    def augment_with_grad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
+        """`augment` with autograd left as it is (what a naive, per-position trainer calls)."""
+        coprocessor = self._require_coprocessor()
+        input_ids, attention_mask = _check_batch(input_ids, attention_mask)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("augment needs left padding: the last token of every row must be real "
+                             "(tokenizer.padding_side = 'left')")
+        batch, length = input_ids.shape
+        n = coprocessor.config.num_latents
+        prefix_pos = prefix_position_ids(attention_mask)
+        latent_pos = prefix_pos[:, -1:] + 1 + torch.arange(n, device=input_ids.device)
+        extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
+
+        cache = DynamicCache()
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
+                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if coprocessor.config.soft_token_attention == "causal":
+            # the model's own causal mask: an independent check on dca.masks in the tests
+            latents = coprocessor(fork_cache(cache), extended_mask, latent_pos)
+        else:
+            last = torch.full((batch, 1), length - 1, device=input_ids.device)
+            latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, last, n,
+                                                                          causal=False))
+        out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 augment: bool = True, **generate_kwargs) -> torch.Tensor:
+        """transformers' `generate`, from an augmented cache; returns prompt + new tokens like it.
+
+        With `augment=False`, or without a coprocessor, this is exactly `decoder.generate`.
+        """
+        if not augment or self.coprocessor is None:
+            return self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        if "past_key_values" in generate_kwargs or "inputs_embeds" in generate_kwargs:
+            raise ValueError("generate(augment=True) builds the cache itself: do not pass past_key_values "
+                             "or inputs_embeds")
+        input_ids, attention_mask = _check_batch(input_ids, attention_mask)
+        out = self.augment(input_ids, attention_mask)
+        # `generate` must process at least one input itself: hand it the last latent again.
+        out.past_key_values.crop(-1)
+        n = out.latents.shape[1]
+        embeds = torch.cat([self._embed(input_ids), out.latents], dim=1)
+        placeholder_ids = torch.cat([input_ids, input_ids[:, -1:].expand(-1, n)], dim=1)
+        sequences = self.decoder.generate(input_ids=placeholder_ids, inputs_embeds=embeds,
+                                          attention_mask=out.attention_mask,
+                                          past_key_values=out.past_key_values, **generate_kwargs)
+        return torch.cat([input_ids, sequences[:, placeholder_ids.shape[1]:]], dim=1)
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
+    return losses.view_as(targets) * target_mask
+
+
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a LongTensor [batch, length], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: augmentation needs at least one token")
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if not bool(attention_mask.any(dim=1).all()):
+        raise ValueError("every row needs at least one real token (attention_mask has an all-zero row)")
+    return input_ids, attention_mask.long()
+
+
+def _check_positions(positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.dtype != torch.long:
+        raise ValueError("positions must be a LongTensor [batch, P] of insertion indices")
+    if positions.shape[0] != attention_mask.shape[0] or positions.shape[1] == 0:
+        raise ValueError(f"positions {tuple(positions.shape)} must be [batch={attention_mask.shape[0]}, P>=1]")
+    length = attention_mask.shape[1]
+    if bool((positions < 0).any()) or bool((positions > length - 2).any()):
+        raise ValueError(f"insertion positions must lie in [0, {length - 2}] (each needs a following token), "
+                         f"got min {int(positions.min())}, max {int(positions.max())}")
+    if not bool(attention_mask.gather(1, positions).bool().all()):
+        raise ValueError("every insertion position must be a real token, not padding")
+    return positions

@@ -1,0 +1,34 @@
+import pytest
+
+from dca import CoprocessorConfig
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_latents": 0}, "num_latents"),
+    ({"num_latents": 2.5}, "num_latents"),
+    ({"num_ahead": -1}, "num_ahead"),
+    ({"num_ahead": True}, "num_ahead"),
+    ({"init": "random"}, "init"),
+    ({"lora_rank": 0}, "lora_rank"),
+    ({"lora_rank": 8, "init": "scratch"}, "scratch"),
+    ({"lora_alpha": -1.0}, "lora_alpha"),
+    ({"soft_token_attention": "bidirectional"}, "soft_token_attention"),
+    ({"latent_source": "middle"}, "latent_source"),
+    ({"latent_scale": "huge"}, "latent_scale"),
+    ({"soft_token_init": "zeros"}, "soft_token_init"),
+    ({"seed": "1"}, "seed"),
+])
+def test_invalid_values_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CoprocessorConfig(**kwargs)
+
+
+def test_round_trips_through_a_dict():
+    config = CoprocessorConfig(num_latents=8, num_ahead=4, lora_rank=16, latent_scale="learned")
+    assert CoprocessorConfig.from_dict(config.to_dict()) == config
+    assert config.uses_lora and not CoprocessorConfig().uses_lora
+
+
+def test_unknown_fields_are_rejected():
+    with pytest.raises(ValueError, match="unknown fields"):
+        CoprocessorConfig.from_dict({"num_latents": 4, "latents": 8})

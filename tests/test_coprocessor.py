@@ -1,0 +1,68 @@
+"""How the coprocessor is built: what it shares with the decoder, what it trains, where latents come from."""
+
+import pytest
+import torch
+from tiny_models import tiny_decoder
+
+from dca import CoprocessorConfig
+from dca.coprocessor import Coprocessor
+
+
+def trainable(copro):
+    return {n for n, p in copro.named_parameters() if p.requires_grad}
+
+
+def test_decoder_init_copies_weights_but_shares_the_unused_embedding():
+    decoder = tiny_decoder("llama")
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=4))
+    body, base = copro.body, decoder.base_model
+    assert body.embed_tokens.weight is base.embed_tokens.weight and not body.embed_tokens.weight.requires_grad
+    assert body.layers[0].mlp.up_proj.weight is not base.layers[0].mlp.up_proj.weight
+    assert torch.equal(body.layers[0].mlp.up_proj.weight, base.layers[0].mlp.up_proj.weight)
+    assert "soft_tokens" in trainable(copro) and copro.soft_tokens.shape == (4, 32)
+
+
+def test_scratch_init_is_random_and_seeded():
+    decoder = tiny_decoder("gpt2")
+    a = Coprocessor(decoder, CoprocessorConfig(init="scratch", seed=1))
+    b = Coprocessor(decoder, CoprocessorConfig(init="scratch", seed=1))
+    w = "h.0.mlp.c_fc.weight"
+    assert not torch.equal(a.body.state_dict()[w], decoder.base_model.state_dict()[w])
+    assert torch.equal(a.body.state_dict()[w], b.body.state_dict()[w])
+
+
+def test_lora_shares_every_base_weight_and_trains_only_the_adapter():
+    decoder = tiny_decoder("qwen2")
+    copro = Coprocessor(decoder, CoprocessorConfig(lora_rank=2))
+    names = trainable(copro)
+    assert names and all("lora_" in n or n == "soft_tokens" for n in names)
+    decoder_ids = {id(p) for p in decoder.parameters()}
+    frozen = [p for n, p in copro.body.named_parameters() if "lora_" not in n]
+    assert all(id(p) in decoder_ids for p in frozen)
+
+
+@pytest.mark.parametrize("init", ["vocab_sample", "normal"])
+def test_soft_token_inits_live_at_the_embedding_scale(init):
+    decoder = tiny_decoder("gemma3")  # scales its embeddings by sqrt(hidden): soft tokens must too
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=8, soft_token_init=init))
+    table = decoder.get_input_embeddings()(torch.arange(97))
+    ratio = copro.soft_tokens.norm(dim=-1).mean() / table.norm(dim=-1).mean()
+    assert 0.5 < ratio < 2.0
+
+
+def test_vocab_mean_init_starts_at_the_mean_embedding():
+    decoder = tiny_decoder("gemma3")
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=3, soft_token_init="vocab_mean"))
+    mean = decoder.get_input_embeddings()(torch.arange(97)).mean(0)
+    torch.testing.assert_close(copro.soft_tokens.detach(), mean.expand(3, -1).detach(), rtol=0, atol=0.1)
+    assert not torch.equal(copro.soft_tokens[0], copro.soft_tokens[1])
+
+
+def test_embed_rms_scaling_puts_latents_at_the_embedding_rms():
+    decoder = tiny_decoder("llama")
+    copro = Coprocessor(decoder, CoprocessorConfig(latent_scale="embed_rms"))
+    latents = copro.to_embedding_space(torch.randn(2, 3, 32) * 50)
+    torch.testing.assert_close(latents.pow(2).mean(-1).sqrt(), copro.embed_rms.expand(2, 3), rtol=1e-4, atol=0)
+    none = Coprocessor(decoder, CoprocessorConfig(latent_scale="none"))
+    hidden = torch.randn(2, 3, 32)
+    assert torch.equal(none.to_embedding_space(hidden), hidden)

@@ -1,0 +1,59 @@
+"""The group mask against masks written out by hand."""
+
+import torch
+from transformers import Gemma2Config, LlamaConfig
+
+from dca.masks import (
+    group_attention_allowed,
+    group_attention_mask,
+    group_position_ids,
+    prefix_position_ids,
+    to_additive,
+)
+
+
+def test_prefix_positions_follow_generate_for_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert prefix_position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_group_positions_continue_after_the_insertion_point():
+    pos = torch.arange(6)[None]
+    assert group_position_ids(pos, torch.tensor([[1, 4]]), 3).tolist() == [[2, 3, 4, 5, 6, 7]]
+
+
+def test_two_groups_of_two_after_four_tokens_by_hand():
+    valid = torch.ones(1, 4, dtype=torch.long)
+    allowed = group_attention_allowed(valid, prefix_position_ids(valid), torch.tensor([[0, 2]]), 2)
+    #          prefix 0 1 2 3 | g0 g0 g1 g1
+    expected = [[1, 0, 0, 0, 1, 0, 0, 0],  # group 0 (after t=0), member 0
+                [1, 0, 0, 0, 1, 1, 0, 0],  # group 0, member 1
+                [1, 1, 1, 0, 0, 0, 1, 0],  # group 1 (after t=2), member 0
+                [1, 1, 1, 0, 0, 0, 1, 1]]  # group 1, member 1
+    assert allowed[0].long().tolist() == expected
+
+
+def test_bidirectional_groups_padding_and_sliding_window_by_hand():
+    valid = torch.tensor([[0, 1, 1, 1]])  # one left pad
+    pos = prefix_position_ids(valid)  # [0, 0, 1, 2]
+    full = group_attention_allowed(valid, pos, torch.tensor([[3]]), 2, causal_within_group=False)
+    assert full[0].long().tolist() == [[0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
+    # group members sit at positions 3, 4; window 2 keeps keys at distance 0 and 1 only
+    windowed = group_attention_allowed(valid, pos, torch.tensor([[3]]), 2, sliding_window=2)
+    assert windowed[0].long().tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
+
+
+def test_additive_mask_uses_the_dtype_minimum_not_inf():
+    mask = to_additive(torch.tensor([[[True, False]]]), torch.float32)
+    assert mask.shape == (1, 1, 1, 2)
+    assert mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 1] == torch.finfo(torch.float32).min
+
+
+def test_per_layer_kind_masks_for_hybrid_models():
+    valid = torch.ones(1, 8, dtype=torch.long)
+    args = (valid, prefix_position_ids(valid), torch.tensor([[6]]), 2, torch.float32)
+    gemma = Gemma2Config(sliding_window=3, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    masks = group_attention_mask(gemma, *args)
+    assert set(masks) == {"sliding_attention", "full_attention"}
+    assert (masks["sliding_attention"] < 0).sum() > (masks["full_attention"] < 0).sum()
+    assert isinstance(group_attention_mask(LlamaConfig(), *args), torch.Tensor)

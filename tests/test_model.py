@@ -1,0 +1,237 @@
+"""The one-pass objective and augmented inference against straightforward reference computations."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, VOCAB, tiny_decoder
+
+from dca import AugmentedLM, CoprocessorConfig
+from dca.reference import sequential_group_losses
+
+RTOL = 1e-5
+IMPLS = [(f, i) for f in FAMILIES for i in ("eager", "sdpa") if not (f == "gemma2" and i == "sdpa")]
+
+
+def make_model(family="llama", impl="sdpa", **config):
+    config = {"num_latents": 3, "num_ahead": 4, **config}
+    return AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(**config)).eval()
+
+
+def assert_matches_sequential(model, input_ids, positions, attention_mask=None):
+    """Every group's losses from the one-pass objective equal the per-position computation."""
+    out = model.training_loss(input_ids, positions, attention_mask)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    checked = 0
+    for b in range(input_ids.shape[0]):
+        real = mask[b].bool()
+        row = input_ids[b][real][None]
+        offset = int((~real).long().cumsum(0)[real].min())  # left-padding shift
+        for p, t in enumerate(positions[b].tolist()):
+            with torch.no_grad():
+                reference = sequential_group_losses(model, row, t - offset)
+            fast = out.token_losses[b, p][out.target_mask[b, p]]
+            assert fast.shape == reference.shape, (b, t)
+            torch.testing.assert_close(fast, reference, rtol=RTOL, atol=1e-6)
+            checked += len(reference)
+    assert checked == out.num_targets
+    torch.testing.assert_close(out.loss, out.token_losses.sum() / checked)
+    return out
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+def test_training_loss_equals_sequential(family, impl):
+    model = make_model(family, impl)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    # several positions per row, the first token, and positions whose ahead window runs off the end
+    positions = torch.tensor([[0, 9, 21, 22], [5, 13, 17, 20]])
+    out = assert_matches_sequential(model, input_ids, positions)
+    assert out.target_mask[0, 3].sum() == 1 and out.target_mask[0, 2].sum() == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_with_right_and_left_padding(family):
+    model = make_model(family, "eager")
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    right = torch.ones_like(input_ids)
+    right[1, 14:] = 0  # shorter row: groups near its end lose the padded targets
+    assert_matches_sequential(model, input_ids, torch.tensor([[3, 10, 18], [2, 11, 13], [0, 7, 16]]), right)
+    left = torch.ones_like(input_ids)
+    left[0, :6] = 0
+    assert_matches_sequential(model, input_ids, torch.tensor([[6, 10, 17], [2, 11, 18], [0, 7, 16]]), left)
+
+
+@pytest.mark.parametrize("variant", [
+    {"soft_token_attention": "full"},
+    {"latent_source": "pre_norm"},
+    {"latent_scale": "none"},
+    {"latent_scale": "learned", "soft_token_init": "normal"},
+    {"init": "scratch"},
+    {"lora_rank": 4},
+    {"num_latents": 1, "num_ahead": 1},
+    {"num_latents": 6, "num_ahead": 2},
+])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_training_loss_equals_sequential_for_every_variant(family, variant):
+    model = make_model(family, **variant)
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, VOCAB, (2, 18))
+    assert_matches_sequential(model, input_ids, torch.tensor([[1, 8, 15], [4, 12, 16]]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_augment_equals_one_forward_over_prompt_and_latents(family):
+    """The augmented cache is the decoder reading [prompt, latents] as plain input embeddings."""
+    model = make_model(family, "eager")
+    torch.manual_seed(4)
+    prompt = torch.randint(0, VOCAB, (1, 15))
+    out = model.augment(prompt)
+    assert out.past_key_values.get_seq_length() == 15 + 3
+    embeds = torch.cat([model.decoder.get_input_embeddings()(prompt), out.latents], dim=1)
+    with torch.no_grad():
+        plain = model.decoder(inputs_embeds=embeds).logits[:, -1]
+    torch.testing.assert_close(out.logits, plain, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_augment_left_padded_batch_equals_unbatched(family):
+    model = make_model(family, "eager", soft_token_attention="full" if family == "qwen2" else "causal")
+    torch.manual_seed(5)
+    rows = [torch.randint(0, VOCAB, (n,)) for n in (12, 7, 10)]
+    length = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    batched = model.augment(input_ids, mask)
+    for i, row in enumerate(rows):
+        single = model.augment(row[None])
+        torch.testing.assert_close(batched.logits[i], single.logits[0], rtol=RTOL, atol=1e-5)
+        torch.testing.assert_close(batched.latents[i], single.latents[0], rtol=RTOL, atol=1e-5)
+
+
+def test_augment_rejects_right_padding():
+    model = make_model()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model.augment(torch.zeros(2, 6, dtype=torch.long), mask)
+
+
+def test_baseline_loss_is_the_plain_decoder_on_the_same_targets():
+    model = make_model("gemma2", "eager")
+    torch.manual_seed(6)
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    positions = torch.tensor([[2, 9, 14], [0, 5, 12]])
+    out = model.training_loss(input_ids, positions, with_baseline=True)
+    with torch.no_grad():
+        logp = model.decoder(input_ids).logits.log_softmax(-1)
+    for b in range(2):
+        for p, t in enumerate(positions[b].tolist()):
+            for k in range(4):
+                if t + k + 1 < 16:
+                    expected = -logp[b, t + k, input_ids[b, t + k + 1]]
+                    torch.testing.assert_close(out.baseline_token_losses[b, p, k], expected, rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_without_augmentation_is_the_decoders_generate(family):
+    model = make_model(family, "eager")
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = model.decoder.generate(prompt, **kwargs)
+    torch.testing.assert_close(model.generate(prompt, augment=False, **kwargs), expected)
+    bare = AugmentedLM(tiny_decoder(family, "eager"))
+    assert bare.coprocessor is None
+    torch.testing.assert_close(bare.generate(prompt, **kwargs), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_augmented_generate_equals_greedy_decoding_from_the_augmented_cache(family):
+    model = make_model(family, "eager")
+    torch.manual_seed(7)
+    rows = [torch.randint(0, VOCAB, (n,)) for n in (9, 6)]
+    input_ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+    generated = model.generate(input_ids, mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:, :9], input_ids)
+    for i, row in enumerate(rows):
+        out = model.augment(row[None])
+        cache, logits, tokens = out.past_key_values, out.logits, []
+        for _ in range(6):
+            tokens.append(int(logits.argmax(-1)))
+            with torch.no_grad():
+                logits = model.decoder(torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                                       attention_mask=torch.ones(1, cache.get_seq_length() + 1,
+                                                                 dtype=torch.long)).logits[:, -1]
+        assert generated[i, 9:].tolist() == tokens
+
+
+def test_generate_rejects_its_own_cache_arguments():
+    model = make_model()
+    with pytest.raises(ValueError, match="builds the cache itself"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), past_key_values=object())
+
+
+def test_gradients_reach_the_coprocessor_and_never_the_decoder():
+    model = make_model("gemma3").train()
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    positions = torch.tensor([[2, 8, 12], [1, 6, 13]])
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.training_loss(input_ids, positions).loss.backward()
+        assert all(p.grad is None for p in model.decoder.parameters())
+        grads = {n: p.grad for n, p in model.coprocessor.named_parameters() if p.requires_grad}
+        assert grads["soft_tokens"] is not None and grads["soft_tokens"].abs().sum() > 0
+        assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads.values()) == len(grads)
+        optimizer.step()
+    assert not model.decoder.training
+    for name, value in model.decoder.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("variant", [{}, {"init": "scratch"}, {"lora_rank": 4}])
+def test_every_variant_trains(variant):
+    model = make_model("llama", **variant).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    torch.manual_seed(8)
+    input_ids = torch.randint(0, VOCAB, (4, 16))
+    positions = torch.tensor([[1, 5, 9, 12]] * 4)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = model.training_loss(input_ids, positions).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize(("positions", "message"), [
+    (torch.tensor([[0, 15]]), "must lie in"),
+    (torch.tensor([[-1, 3]]), "must lie in"),
+    (torch.tensor([[1.0, 3.0]]), "LongTensor"),
+    (torch.tensor([[1, 2], [3, 4]]), "must be"),
+])
+def test_training_loss_rejects_bad_positions(positions, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        model.training_loss(torch.zeros(1, 16, dtype=torch.long), positions)
+
+
+def test_training_loss_rejects_positions_on_padding():
+    model = make_model()
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[0, 10:] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model.training_loss(torch.zeros(1, 16, dtype=torch.long), torch.tensor([[3, 12]]), mask)
+
+
+def test_no_coprocessor_gives_a_clear_error():
+    with pytest.raises(RuntimeError, match="no coprocessor"):
+        AugmentedLM(tiny_decoder("llama")).augment(torch.zeros(1, 4, dtype=torch.long))
