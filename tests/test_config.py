@@ -16,7 +16,7 @@ from dca import CoprocessorConfig
     ({"latent_source": "middle"}, "latent_source"),
     ({"latent_scale": "huge"}, "latent_scale"),
     ({"soft_token_init": "zeros"}, "soft_token_init"),
-    ({"seed": "1"}, "seed"),
+    ({"init_seed": "1"}, "init_seed"),
 ])
 def test_invalid_values_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -24,8 +24,8 @@ def test_decoder_init_copies_weights_but_shares_the_unused_embedding():
 
 def test_scratch_init_is_random_and_seeded():
     decoder = tiny_decoder("gpt2")
-    a = Coprocessor(decoder, CoprocessorConfig(init="scratch", seed=1))
-    b = Coprocessor(decoder, CoprocessorConfig(init="scratch", seed=1))
+    a = Coprocessor(decoder, CoprocessorConfig(init="scratch", init_seed=1))
+    b = Coprocessor(decoder, CoprocessorConfig(init="scratch", init_seed=1))
     w = "h.0.mlp.c_fc.weight"
     assert not torch.equal(a.body.state_dict()[w], decoder.base_model.state_dict()[w])
     assert torch.equal(a.body.state_dict()[w], b.body.state_dict()[w])

@@ -49,8 +49,9 @@ def test_training_loss_equals_sequential(family, impl):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_loss_with_right_and_left_padding(family):
-    model = make_model(family, "eager")
+@pytest.mark.parametrize("anchor", ["none", "replay"])
+def test_training_loss_with_right_and_left_padding(family, anchor):
+    model = make_model(family, "eager", latent_anchor=anchor, latent_scale="gated", gate_init=0.3)
     torch.manual_seed(2)
     input_ids = torch.randint(0, VOCAB, (3, 20))
     right = torch.ones_like(input_ids)
@@ -70,6 +71,8 @@ def test_training_loss_with_right_and_left_padding(family):
     {"lora_rank": 4},
     {"num_latents": 1, "num_ahead": 1},
     {"num_latents": 6, "num_ahead": 2},
+    {"latent_anchor": "replay", "latent_scale": "gated", "gate_init": 0.1},
+    {"latent_anchor": "last_token", "latent_scale": "gated", "gate_init": 0.5},
 ])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_training_loss_equals_sequential_for_every_variant(family, variant):
@@ -95,7 +98,8 @@ def test_augment_equals_one_forward_over_prompt_and_latents(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_augment_left_padded_batch_equals_unbatched(family):
-    model = make_model(family, "eager", soft_token_attention="full" if family == "qwen2" else "causal")
+    model = make_model(family, "eager", soft_token_attention="full" if family == "qwen2" else "causal",
+                       latent_anchor="replay")
     torch.manual_seed(5)
     rows = [torch.randint(0, VOCAB, (n,)) for n in (12, 7, 10)]
     length = max(len(r) for r in rows)

@@ -48,3 +48,60 @@ def tiny_decoder(family: str, attn_implementation: str = "sdpa", seed: int = 0) 
         for param in model.parameters():
             param.mul_(3.0) if param.dim() >= 2 else None
     return model.float().eval()
+
+
+WORDS = ["<unk>", "</s>", "the", "a", "cat", "dog", "bird", "sees", "likes", "chases", "red", "big", "small",
+         "house", "tree", "and", "then", "runs", "home", "."]
+
+
+def word_tokenizer():
+    """A real (word-level) fast tokenizer built in memory: no download needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def save_tiny_model_dir(path, family: str = "llama", pretrain_on: str | None = None, steps: int = 150) -> str:
+    """A tiny model with a word tokenizer saved as a local folder, loadable like any real checkpoint.
+
+    With `pretrain_on` (a text file) the model is first trained briefly as an ordinary LM, so that it
+    uses its context the way a real pretrained decoder does.
+    """
+    from pathlib import Path
+
+    config = _configs()[family]
+    config.vocab_size = len(WORDS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer = word_tokenizer()
+    if pretrain_on is not None:
+        ids = torch.tensor(tokenizer(Path(pretrain_on).read_text().replace("\n\n", " </s> "))["input_ids"])
+        seqs = ids[: len(ids) // 32 * 32].view(-1, 32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(steps):
+            batch = seqs[torch.randint(0, len(seqs), (16,))]
+            optimizer.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_toy_corpus(path, docs: int = 120, seed: int = 0) -> str:
+    """Short documents from a small grammar: structure a coprocessor can learn in a few steps."""
+    import random
+
+    rng = random.Random(seed)
+    nouns, verbs, adjs = ["cat", "dog", "bird", "house", "tree"], ["sees", "likes", "chases"], ["red", "big", "small"]
+    lines = []
+    for _ in range(docs):
+        sentences = [f"the {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} a {rng.choice(nouns)} "
+                     f"and then runs home ." for _ in range(rng.randint(2, 4))]
+        lines.append(" ".join(sentences))
+    path.write_text("\n\n".join(lines))
+    return str(path)

@@ -5,7 +5,8 @@ with the trained adapter and can be measured rather than guessed:
 
 * ``soft_token_attention`` -- soft tokens attend to each other causally (like any decoder) or fully.
 * ``latent_source`` -- latents are the coprocessor's hidden states after its final norm, or before it.
-* ``latent_scale`` -- how latents are mapped into the decoder's input-embedding space.
+* ``latent_scale`` / ``latent_anchor`` / ``gate_init`` -- how latents are mapped into the decoder's
+  input-embedding space, and what an untrained coprocessor writes there.
 * ``soft_token_init`` -- what the trainable soft tokens start as.
 
 Position ids are not a choice: latents sit at t+1 .. t+N and the text continues at t+N+1, exactly
@@ -16,14 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 INITS = ("decoder", "scratch")
 SOFT_TOKEN_ATTENTION = ("causal", "full")
 LATENT_SOURCES = ("final_norm", "pre_norm")
-LATENT_SCALES = ("none", "embed_rms", "learned")
+LATENT_SCALES = ("none", "embed_rms", "learned", "gated")
 SOFT_TOKEN_INITS = ("vocab_sample", "vocab_mean", "normal")
+LATENT_ANCHORS = ("none", "last_token", "replay")
+
+
+def _meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"help": help_text, "choices": choices} if choices else {"help": help_text}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -53,33 +59,42 @@ class CoprocessorConfig:
         latent_source: read latents after the coprocessor's final norm or just before it.
         latent_scale: ``"none"`` feeds hidden states as they are; ``"embed_rms"`` rescales each
             latent to the RMS of the decoder's token embeddings; ``"learned"`` does the same and
-            then multiplies by a trainable per-channel gain initialised at 1.
+            then multiplies by a trainable per-channel gain initialised at 1; ``"gated"`` multiplies
+            the ``"embed_rms"`` latents by a trainable scalar gate initialised at ``gate_init``.
+        latent_anchor: what the coprocessor's output is added to. ``"none"``: nothing;
+            ``"last_token"``: the embedding of x[t] on the last latent (zeros on the others);
+            ``"replay"``: the embeddings of the last N prompt tokens x[t-N+1 .. t]. With a small
+            ``gate_init`` an untrained coprocessor then does little harm (see README, "Start
+            without doing harm").
+        gate_init: initial value of the trainable scalar gate of ``latent_scale="gated"``.
         soft_token_init: ``"vocab_sample"`` copies N random rows of the embedding table,
             ``"vocab_mean"`` starts all soft tokens at the mean embedding (plus tiny noise),
             ``"normal"`` draws them with the embedding table's standard deviation.
-        seed: seeds the soft-token (and scratch-weight) initialisation.
+        init_seed: seeds the soft-token (and scratch-weight) initialisation.
     """
 
-    num_latents: int = 16
-    num_ahead: int = 16
-    init: str = "decoder"
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    lora_target_modules: str | list[str] = "all-linear"
-    soft_token_attention: str = "causal"
-    latent_source: str = "final_norm"
-    latent_scale: str = "embed_rms"
-    soft_token_init: str = "vocab_sample"
-    seed: int = 0
+    num_latents: int = field(default=16, metadata=_meta("N, latents per augmentation"))
+    num_ahead: int = field(default=16, metadata=_meta("A, ahead tokens scored after each augmentation"))
+    init: str = field(default="decoder", metadata=_meta("coprocessor weights at start", INITS))
+    lora_rank: int | None = field(default=None, metadata=_meta("LoRA rank (unset: train the full coprocessor)"))
+    lora_alpha: float | None = field(default=None, metadata=_meta("LoRA alpha (default 2 x rank)"))
+    lora_target_modules: str | list[str] = field(default="all-linear", metadata=_meta("peft target_modules"))
+    soft_token_attention: str = field(default="causal", metadata=_meta("among soft tokens", SOFT_TOKEN_ATTENTION))
+    latent_source: str = field(default="final_norm", metadata=_meta("where latents are read", LATENT_SOURCES))
+    latent_scale: str = field(default="embed_rms", metadata=_meta("latents -> embedding space", LATENT_SCALES))
+    latent_anchor: str = field(default="none", metadata=_meta("what latents are added to", LATENT_ANCHORS))
+    gate_init: float = field(default=0.0, metadata=_meta("start value of the 'gated' latent scale"))
+    soft_token_init: str = field(default="vocab_sample", metadata=_meta("soft tokens at start", SOFT_TOKEN_INITS))
+    init_seed: int = field(default=0, metadata=_meta("seeds soft tokens and scratch weights"))
 
     def __post_init__(self) -> None:
         _check_positive_int("num_latents", self.num_latents)
         _check_positive_int("num_ahead", self.num_ahead)
-        _check_choice("init", self.init, INITS)
-        _check_choice("soft_token_attention", self.soft_token_attention, SOFT_TOKEN_ATTENTION)
-        _check_choice("latent_source", self.latent_source, LATENT_SOURCES)
-        _check_choice("latent_scale", self.latent_scale, LATENT_SCALES)
-        _check_choice("soft_token_init", self.soft_token_init, SOFT_TOKEN_INITS)
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool):
+            raise ValueError(f"CoprocessorConfig.gate_init must be a number, got {self.gate_init!r}")
         if self.lora_rank is not None:
             _check_positive_int("lora_rank", self.lora_rank)
             if self.init == "scratch":
@@ -87,8 +102,8 @@ class CoprocessorConfig:
                                  "with init='scratch'")
         if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
             raise ValueError(f"CoprocessorConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"CoprocessorConfig.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):
+            raise ValueError(f"CoprocessorConfig.init_seed must be an integer, got {self.init_seed!r}")
 
     @property
     def uses_lora(self) -> bool:

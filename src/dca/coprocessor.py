@@ -44,7 +44,7 @@ def build_body(decoder: PreTrainedModel, config: CoprocessorConfig) -> nn.Module
     embedding = decoder.get_input_embeddings()
     if config.init == "scratch":
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.init_seed)
             body = type(base)(base.config)
         body.set_input_embeddings(embedding)
         body.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
@@ -68,7 +68,7 @@ def build_body(decoder: PreTrainedModel, config: CoprocessorConfig) -> nn.Module
 
 def init_soft_tokens(decoder: PreTrainedModel, config: CoprocessorConfig) -> torch.Tensor:
     table = embedding_sample(decoder, max_rows=decoder.get_input_embeddings().num_embeddings)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.init_seed)
     n, dim = config.num_latents, table.shape[1]
     if config.soft_token_init == "vocab_sample":
         rows = torch.randperm(table.shape[0], generator=generator)[:n]
@@ -90,8 +90,10 @@ class Coprocessor(nn.Module):
         self.soft_tokens = nn.Parameter(init_soft_tokens(decoder, config).to(param.device, param.dtype))
         rms = embedding_sample(decoder).pow(2).mean(-1).sqrt().mean()
         self.register_buffer("embed_rms", rms.to(param.device, param.dtype), persistent=False)
-        if config.latent_scale == "learned":
-            self.latent_gain = nn.Parameter(torch.ones(param.shape[-1], device=param.device, dtype=param.dtype))
+        gain_shape = {"learned": (param.shape[-1],), "gated": (1,)}.get(config.latent_scale)
+        if gain_shape is not None:
+            start = 1.0 if config.latent_scale == "learned" else float(config.gate_init)
+            self.latent_gain = nn.Parameter(torch.full(gain_shape, start, device=param.device, dtype=param.dtype))
         else:
             self.latent_gain = None
 
@@ -100,10 +102,12 @@ class Coprocessor(nn.Module):
         cache: Cache,
         attention_mask: torch.Tensor | dict[str, torch.Tensor],
         position_ids: torch.Tensor,
+        anchor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the soft tokens of every group (P groups of N, laid out by `position_ids`) over `cache`.
 
-        Returns latents [B, P * N, hidden]. `cache` is extended in place: pass a fork.
+        Returns latents [B, P * N, hidden], plus `anchor` (same shape) if given. `cache` is
+        extended in place: pass a fork.
         """
         batch, q_len = position_ids.shape
         groups = q_len // self.config.num_latents
@@ -119,7 +123,8 @@ class Coprocessor(nn.Module):
             if hook is not None:
                 hook.remove()
         hidden = captured[-1] if captured else out.last_hidden_state
-        return self.to_embedding_space(hidden)
+        latents = self.to_embedding_space(hidden)
+        return latents if anchor is None else latents + anchor.to(latents.dtype)
 
     def to_embedding_space(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.latent_scale == "none":

@@ -110,7 +110,8 @@ class AugmentedLM(nn.Module):
 
     # ------------------------------------------------------------------ training: one pass, P groups
     def training_loss(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, *, with_baseline: bool = False) -> TrainingLoss:
+                      attention_mask: torch.Tensor | None = None, *, with_baseline: bool = False,
+                      num_ahead: int | None = None) -> TrainingLoss:
         """The paper's objective for P insertion points per row, in one pass over the batch.
 
         Args:
@@ -118,12 +119,13 @@ class AugmentedLM(nn.Module):
             positions: [B, P] insertion indices t: latents computed from x[0..t] go after token t.
             attention_mask: [B, T], 1 for real tokens (left or right padding).
             with_baseline: also score the same targets without augmentation (costs one LM head).
+            num_ahead: score this many ahead tokens instead of the config's A (evaluation by position).
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
         input_ids, attention_mask = _check_batch(input_ids, attention_mask)
         positions = _check_positions(positions, attention_mask)
-        n, a = config.num_latents, config.num_ahead
+        n, a = config.num_latents, num_ahead or config.num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
         arange_a = torch.arange(1, a + 1, device=input_ids.device)
         target_index = positions[:, :, None] + arange_a  # [B, P, A]: x[t+1 .. t+A]
@@ -144,7 +146,8 @@ class AugmentedLM(nn.Module):
 
         # 2. the coprocessor: P groups of N soft tokens over a fork of that cache
         latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, positions, n,
-                                                                      causal=config.soft_token_attention == "causal"))
+                                                                      causal=config.soft_token_attention == "causal"),
+                              anchor=self._latent_anchor(input_ids, attention_mask, positions))
 
         # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
         group = n + a - 1
@@ -164,6 +167,20 @@ class AugmentedLM(nn.Module):
         mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
                                     self.decoder.dtype, causal_within_group=causal)
         return mask, group_position_ids(prefix_pos, positions, group_size)
+
+    def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor | None:
+        """[B, P * N, H]: the embeddings each group's latents are added to (`config.latent_anchor`)."""
+        kind, n = self.coprocessor.config.latent_anchor, self.coprocessor.config.num_latents
+        if kind == "none":
+            return None
+        offsets = torch.arange(1 - n, 1, device=input_ids.device)  # x[t-N+1 .. t]
+        first_real = (attention_mask.cumsum(1) == 0).sum(1)[:, None, None]  # never reach into left padding
+        index = torch.maximum(positions[:, :, None] + offsets, first_real)
+        anchor = self._embed(input_ids.gather(1, index.flatten(1))).view(*index.shape, -1)
+        if kind == "last_token":
+            anchor = anchor * (offsets == 0)[:, None].to(anchor.dtype)
+        return anchor.flatten(1, 2)
 
     # ------------------------------------------------------------------ inference: once, at the prompt's end
     @torch.no_grad()
@@ -190,13 +207,14 @@ class AugmentedLM(nn.Module):
         cache = DynamicCache()
         self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        last = torch.full((batch, 1), length - 1, device=input_ids.device)
+        anchor = self._latent_anchor(input_ids, attention_mask, last)
         if coprocessor.config.soft_token_attention == "causal":
             # the model's own causal mask: an independent check on dca.masks in the tests
-            latents = coprocessor(fork_cache(cache), extended_mask, latent_pos)
+            latents = coprocessor(fork_cache(cache), extended_mask, latent_pos, anchor=anchor)
         else:
-            last = torch.full((batch, 1), length - 1, device=input_ids.device)
             latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, last, n,
-                                                                          causal=False))
+                                                                          causal=False), anchor=anchor)
         out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
         return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask)

@@ -1,0 +1,82 @@
+"""The `dca` command line. Each subcommand's options are generated from its dataclass of arguments,
+so the Python API and the command line never disagree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+
+def _field_type(annotation: Any) -> tuple[Any, bool]:
+    """(base type, is_list) for annotations like int, str | None, list[str]."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _field_type(args[0])
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field; the fields of a nested dataclass (e.g. a CoprocessorConfig) join in a group."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            add_dataclass_arguments(parser.add_argument_group(hints[f.name].__name__), hints[f.name])
+            continue
+        base, is_list = _field_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base, nargs="+" if is_list else None, default=default,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: dataclass_from_namespace(hints[f.name], namespace)
+                  if dataclasses.is_dataclass(hints[f.name]) else getattr(namespace, f.name)
+                  for f in dataclasses.fields(cls)})
+
+
+def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from dca.bench import BenchArgs, run_bench
+    from dca.init_study import InitStudyArgs, run_init_study
+    from dca.train import TrainArgs, train
+
+    return {
+        "train": (TrainArgs, train, "train a coprocessor for a frozen model on plain text"),
+        "bench": (BenchArgs, run_bench, "time one training step: one-pass vs sequential vs fine-tuning"),
+        "init-study": (InitStudyArgs, run_init_study, "how much each latent mapping hurts before training"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = _commands()
+    parser = argparse.ArgumentParser(prog="dca", description="Differentiable Cache Augmentation for frozen LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (args_cls, _, help_text) in commands.items():
+        add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), args_cls)
+    namespace = parser.parse_args(argv)
+    args_cls, run, _ = commands[namespace.command]
+    try:
+        run(dataclass_from_namespace(args_cls, namespace))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dca {namespace.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

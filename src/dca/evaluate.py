@@ -1,0 +1,95 @@
+"""Perplexity by position after the augmentation point: the paper's Table 1 protocol.
+
+Augment held-out text at P points per sequence and score the next K tokens after each, with and
+without the latents, on the very same targets (`training_loss(..., with_baseline=True)` computes
+both in one pass). The relative perplexity change at distance k is exp(mean NLL_aug(k) -
+mean NLL_base(k)) - 1; its confidence interval comes from a bootstrap over sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from dca.model import AugmentedLM
+
+KS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class PositionReport:
+    ks: list[int]
+    base_ppl: list[float]
+    augmented_ppl: list[float]
+    rel_change: list[float]  # fraction: -0.02 is a 2% lower perplexity
+    ci_low: list[float]
+    ci_high: list[float]
+    num_sequences: int
+    num_groups: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def markdown(self, title: str = "relative perplexity change") -> str:
+        lines = [f"| k | base ppl | augmented ppl | {title} | 95% CI |", "|---|---|---|---|---|"]
+        for i, k in enumerate(self.ks):
+            lines.append(f"| {k} | {self.base_ppl[i]:.3f} | {self.augmented_ppl[i]:.3f} | "
+                         f"{100 * self.rel_change[i]:+.2f}% | [{100 * self.ci_low[i]:+.2f}, "
+                         f"{100 * self.ci_high[i]:+.2f}] |")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def token_losses_by_distance(model: AugmentedLM, sequences: torch.Tensor, positions: torch.Tensor,
+                             num_ahead: int, batch_size: int = 4, progress: bool = False,
+                             autocast_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence sums over groups: (augmented NLL [S, K], base NLL [S, K], counts [S, K])."""
+    device = model.device
+    was_training = model.training
+    model.eval()
+    aug, base, count = [], [], []
+    for start in tqdm(range(0, len(sequences), batch_size), desc="eval", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            out = model.training_loss(sequences[start : start + batch_size].to(device),
+                                      positions[start : start + batch_size].to(device),
+                                      with_baseline=True, num_ahead=num_ahead)
+        aug.append(out.token_losses.sum(1).float().cpu())
+        base.append(out.baseline_token_losses.sum(1).float().cpu())
+        count.append(out.target_mask.sum(1).float().cpu())
+    model.train(was_training)
+    return torch.cat(aug), torch.cat(base), torch.cat(count)
+
+
+def perplexity_by_position(model: AugmentedLM, sequences: torch.Tensor, positions: torch.Tensor,
+                           ks: tuple[int, ...] = KS, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
+                           progress: bool = False, autocast_bf16: bool = False) -> PositionReport:
+    """Relative perplexity change of the k-th token after each augmentation point, for k in `ks`."""
+    if min(ks) < 1:
+        raise ValueError(f"distances k must be >= 1, got {ks}")
+    aug, base, count = token_losses_by_distance(model, sequences, positions, max(ks), batch_size, progress,
+                                                autocast_bf16)
+    columns = [k - 1 for k in ks]
+    aug, base, count = aug[:, columns], base[:, columns], count[:, columns]
+
+    def rel(rows: torch.Tensor) -> torch.Tensor:
+        n = count[rows].sum(0).clamp(min=1)
+        return torch.exp((aug[rows].sum(0) - base[rows].sum(0)) / n) - 1
+
+    everything = torch.arange(len(sequences))
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.stack([rel(torch.randint(0, len(sequences), (len(sequences),), generator=generator))
+                         for _ in range(bootstrap)]) if bootstrap else rel(everything)[None]
+    n = count.sum(0).clamp(min=1)
+    return PositionReport(
+        ks=list(ks),
+        base_ppl=[math.exp(v) for v in (base.sum(0) / n).tolist()],
+        augmented_ppl=[math.exp(v) for v in (aug.sum(0) / n).tolist()],
+        rel_change=rel(everything).tolist(),
+        ci_low=draws.quantile(0.025, dim=0).tolist(),
+        ci_high=draws.quantile(0.975, dim=0).tolist(),
+        num_sequences=len(sequences),
+        num_groups=int(positions.numel()),
+    )

@@ -1,0 +1,82 @@
+"""`dca init-study`: how much does an *untrained* coprocessor hurt, for each way of writing latents?
+
+Feeding the coprocessor's final hidden states to the decoder as input embeddings makes the next
+token 10^5 times less likely at step 0; a user would wait hours for training to merely undo that.
+This study measures the alternatives (`latent_scale`, `latent_anchor`, `gate_init`, soft-token
+init) by the Table 1 protocol at step 0, on held-out text, and writes a table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dca.config import CoprocessorConfig
+from dca.data import sample_positions, split_texts, tokenize_and_pack
+from dca.evaluate import KS, perplexity_by_position
+from dca.model import AugmentedLM
+from dca.resources import load_model, load_texts
+
+VARIANTS: dict[str, dict] = {
+    "hidden states as embeddings (naive)": {"latent_scale": "none"},
+    "rescaled to embedding RMS": {"latent_scale": "embed_rms"},
+    "rescaled, read before final norm": {"latent_scale": "embed_rms", "latent_source": "pre_norm"},
+    "zero latents (gate 0)": {"latent_scale": "gated", "gate_init": 0.0},
+    "last token, zeros before (gate 0)": {"latent_scale": "gated", "latent_anchor": "last_token"},
+    "last token + 0.1 x latents": {"latent_scale": "gated", "latent_anchor": "last_token", "gate_init": 0.1},
+    "replay last N tokens (gate 0)": {"latent_scale": "gated", "latent_anchor": "replay"},
+    "replay + 0.1 x latents": {"latent_scale": "gated", "latent_anchor": "replay", "gate_init": 0.1},
+    "replay + 0.3 x latents": {"latent_scale": "gated", "latent_anchor": "replay", "gate_init": 0.3},
+    "replay + 0.1 x latents, mean soft tokens": {"latent_scale": "gated", "latent_anchor": "replay",
+                                                 "gate_init": 0.1, "soft_token_init": "vocab_mean"},
+}
+
+
+@dataclass
+class InitStudyArgs:
+    """Arguments of `dca init-study`."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "builtin name, local folder or hub name"})
+    data: str = field(default="wiki", metadata={"help": "corpus; its held-out split is used"})
+    num_latents: int = field(default=16, metadata={"help": "N"})
+    sequences: int = field(default=8, metadata={"help": "held-out sequences"})
+    seq_len: int = field(default=192, metadata={"help": "tokens per sequence"})
+    positions: int = field(default=6, metadata={"help": "augmentation points per sequence"})
+    held_out_fraction: float = field(default=0.05, metadata={"help": "as in dca train"})
+    out: str = field(default="results/init-study", metadata={"help": "folder for JSON and markdown"})
+
+
+def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequences: int, seq_len: int,
+                      positions: int, max_k: int, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed held-out sequences and augmentation points that leave `max_k` tokens after each."""
+    _, held_out = split_texts(load_texts(data), held_out_fraction)
+    seqs = tokenize_and_pack(held_out, model_tokenizer, seq_len)[:sequences]
+    if len(seqs) < sequences:
+        raise ValueError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
+    generator = torch.Generator().manual_seed(seed)
+    return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator)
+
+
+def run_init_study(args: InitStudyArgs) -> dict:
+    decoder, tokenizer = load_model(args.model)
+    seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences, args.seq_len,
+                                        args.positions, max(KS))
+    results = {}
+    for name, overrides in VARIANTS.items():
+        config = CoprocessorConfig(num_latents=args.num_latents, num_ahead=max(KS), **overrides)
+        report = perplexity_by_position(AugmentedLM.from_decoder(decoder, config), seqs, positions, bootstrap=200)
+        results[name] = {"config": overrides, **report.to_dict()}
+        print(f"{name:45s} " + " ".join(f"{100 * r:+10.1f}%" for r in report.rel_change), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "init_study.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    header = "| latents at step 0 | " + " | ".join(f"k={k}" for k in KS) + " |"
+    rows = [header, "|---|" + "---|" * len(KS)]
+    for name, r in results.items():
+        rows.append(f"| {name} | " + " | ".join(f"{100 * v:+.1f}%" for v in r["rel_change"]) + " |")
+    (out / "init_study.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+    return results

@@ -1,0 +1,93 @@
+"""The trainer end to end on a tiny local model and corpus: it learns, it logs, it resumes exactly."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_model_dir, write_toy_corpus
+
+from dca import AugmentedLM, CoprocessorConfig
+from dca.resources import load_model
+from dca.train import TrainArgs, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    corpus = write_toy_corpus(root / "corpus.txt")
+    return save_tiny_model_dir(root / "model", pretrain_on=corpus), corpus
+
+
+def args_for(assets, out, **overrides):
+    model, corpus = assets
+    copro = CoprocessorConfig(**{"num_latents": 2, "num_ahead": 3, **overrides.pop("coprocessor", {})})
+    base = dict(model=model, data=corpus, out=str(out), coprocessor=copro, positions=4, seq_len=24,
+                batch_size=4, steps=6, lr=3e-3, warmup_steps=1, eval_every=3, save_every=2, eval_sequences=4,
+                held_out_fraction=0.1, progress=False, device="cpu")
+    return TrainArgs(**{**base, **overrides})
+
+
+def test_a_short_run_lowers_the_augmented_held_out_loss(assets, tmp_path):
+    adapter = train(args_for(assets, tmp_path / "run", steps=30, eval_every=30, save_every=30))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and last["step"] == 30
+    assert last["eval_loss"] < first["eval_loss"] - 0.05
+    assert {"loss", "base_loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[1])
+    decoder, _ = load_model(assets[0])
+    assert AugmentedLM.from_pretrained(adapter, decoder).coprocessor.config.num_latents == 2
+
+
+@pytest.mark.parametrize("variant", [{}, {"coprocessor": {"lora_rank": 2}}])
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(assets, tmp_path, variant):
+    straight = train(args_for(assets, tmp_path / "straight", **variant))
+
+    class Killed(Exception):
+        pass
+
+    def die_after_step_3(step, record):  # after the step-2 checkpoint, before step 4's
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(args_for(assets, tmp_path / "resumed", **variant), callback=die_after_step_3)
+    resumed = train(args_for(assets, tmp_path / "resumed", **variant))
+    decoder, _ = load_model(assets[0])
+    a = AugmentedLM.from_pretrained(straight, decoder).coprocessor.state_dict()
+    b = AugmentedLM.from_pretrained(resumed, decoder).coprocessor.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice: once before the kill, once after resuming
+
+
+def test_resuming_with_other_arguments_is_refused(assets, tmp_path):
+    train(args_for(assets, tmp_path / "run", steps=2))
+    with pytest.raises(ValueError, match="other arguments"):
+        train(args_for(assets, tmp_path / "run", steps=4, lr=1e-2))
+
+
+def test_checkpoints_leave_no_partial_folders(assets, tmp_path):
+    train(args_for(assets, tmp_path / "run", steps=4))
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["adapter", "args.json", "checkpoint", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"positions": 0}, "positions"),
+    ({"positions": 30}, "below seq_len"),
+    ({"coprocessor": {"num_latents": 0}}, "num_latents"),
+    ({"coprocessor": {"init": "random"}}, "init"),
+    ({"lr": 0.0}, "lr > 0"),
+])
+def test_bad_arguments_fail_before_any_work(assets, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        args_for(assets, tmp_path / "run", **overrides)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    args = TrainArgs(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, args) for s in range(101)]
+    assert factors[0] < factors[5] < factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[100] == pytest.approx(0.1)
