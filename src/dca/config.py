@@ -81,10 +81,10 @@ class CoprocessorConfig:
     lora_target_modules: str | list[str] = field(default="all-linear", metadata=_meta("peft target_modules"))
     soft_token_attention: str = field(default="causal", metadata=_meta("among soft tokens", SOFT_TOKEN_ATTENTION))
     latent_source: str = field(default="final_norm", metadata=_meta("where latents are read", LATENT_SOURCES))
-    latent_scale: str = field(default="embed_rms", metadata=_meta("latents -> embedding space", LATENT_SCALES))
-    latent_anchor: str = field(default="none", metadata=_meta("what latents are added to", LATENT_ANCHORS))
-    gate_init: float = field(default=0.0, metadata=_meta("start value of the 'gated' latent scale"))
-    soft_token_init: str = field(default="vocab_sample", metadata=_meta("soft tokens at start", SOFT_TOKEN_INITS))
+    latent_scale: str = field(default="gated", metadata=_meta("latents -> embedding space", LATENT_SCALES))
+    latent_anchor: str = field(default="replay", metadata=_meta("what latents are added to", LATENT_ANCHORS))
+    gate_init: float = field(default=0.1, metadata=_meta("start value of the 'gated' latent scale"))
+    soft_token_init: str = field(default="vocab_mean", metadata=_meta("soft tokens at start", SOFT_TOKEN_INITS))
     init_seed: int = field(default=0, metadata=_meta("seeds soft tokens and scratch weights"))
 
     def __post_init__(self) -> None:

@@ -164,8 +164,11 @@ class AugmentedLM(nn.Module):
 
     def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
                       group_size: int, *, causal: bool):
+        device = attention_mask.device.type
+        # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype
         mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
-                                    self.decoder.dtype, causal_within_group=causal)
+                                    dtype, causal_within_group=causal)
         return mask, group_position_ids(prefix_pos, positions, group_size)
 
     def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,0 +1,130 @@
+"""`dca demo`: the whole story on a real pretrained model and real held-out text, in minutes on a CPU.
+
+1. The frozen model's perplexity on held-out text, and the same with its cache augmented by the
+   coprocessor this project trained and ships (`coprocessors/`), by distance from the augmentation
+   point in the paper's Table 1 layout; and one prompt answered with and without augmentation.
+2. A short training run, so the pipeline can be seen working end to end.
+3. A report folder: report.json, report.md and ppl_by_position.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dca.config import CoprocessorConfig
+from dca.evaluate import KS, PositionReport, perplexity_by_position
+from dca.init_study import held_out_eval_set
+from dca.model import AugmentedLM
+from dca.resources import load_model
+from dca.train import TrainArgs, train
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "coprocessors" / "smollm2-135m-wiki"
+PAPER_TABLE1_N8 = [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55]  # Gemma-2 2B, 8 latents (PAPER.md)
+PROMPT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was designed by"
+
+
+@dataclass
+class DemoArgs:
+    """Arguments of `dca demo`."""
+
+    coprocessor: str = field(default=str(SHIPPED), metadata={"help": "a saved coprocessor for the model"})
+    model: str = field(default="smollm2-135m", metadata={"help": "the frozen decoder it was trained for"})
+    data: str = field(default="wiki", metadata={"help": "corpus whose held-out split is evaluated"})
+    sequences: int = field(default=12, metadata={"help": "held-out sequences to evaluate"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per held-out sequence"})
+    positions: int = field(default=8, metadata={"help": "augmentation points per sequence"})
+    train_steps: int = field(default=12, metadata={"help": "steps of the short live training run (0: skip)"})
+    out: str = field(default="reports/demo", metadata={"help": "report folder"})
+
+
+def plot_positions(reports: dict[str, PositionReport], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, report in reports.items():
+        rel = [100 * v for v in report.rel_change]
+        low = [100 * v for v in report.ci_low]
+        high = [100 * v for v in report.ci_high]
+        ax.plot(report.ks, rel, marker="o", label=name)
+        ax.fill_between(report.ks, low, high, alpha=0.2)
+    ax.plot(KS, PAPER_TABLE1_N8, linestyle="--", color="gray", label="paper, Gemma-2 2B, 8 latents")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(KS), [str(k) for k in KS])
+    ax.set_xlabel("k: tokens after the augmentation point")
+    ax.set_ylabel("relative perplexity change (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def answer(model: AugmentedLM, tokenizer, prompt: str, augment: bool, max_new_tokens: int = 24) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    out = model.generate(ids, augment=augment, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def run_demo(args: DemoArgs) -> dict:
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[1/3] loading {args.model} and held-out {args.data} text", flush=True)
+    decoder, tokenizer = load_model(args.model)
+    seqs, positions = held_out_eval_set(tokenizer, args.data, 0.05, args.sequences, args.seq_len, args.positions,
+                                        max(KS))
+    if not Path(args.coprocessor).is_dir():
+        raise FileNotFoundError(f"no coprocessor at {args.coprocessor}: train one with `dca train` and pass "
+                                "--coprocessor RUN/adapter")
+    model = AugmentedLM.from_pretrained(args.coprocessor, decoder)
+    config = model.coprocessor.config
+    print(f"      coprocessor {args.coprocessor}: N={config.num_latents} latents, "
+          f"{'LoRA r' + str(config.lora_rank) if config.uses_lora else config.init}; evaluating "
+          f"{len(seqs)} x {args.seq_len} held-out tokens at {positions.numel()} augmentation points", flush=True)
+    report = perplexity_by_position(model, seqs, positions, progress=True)
+    print(report.markdown())
+    with_aug, without = answer(model, tokenizer, PROMPT, True), answer(model, tokenizer, PROMPT, False)
+    print(f"\nprompt: {PROMPT!r}\n  base:      {without!r}\n  augmented: {with_aug!r}\n", flush=True)
+
+    live = None
+    if args.train_steps > 0:
+        print(f"[2/3] a live {args.train_steps}-step training run (LoRA coprocessor, 8 latents)", flush=True)
+        live_args = TrainArgs(model=args.model, data=args.data, out=str(out / "live-run"),
+                              coprocessor=CoprocessorConfig(**{**config.to_dict(), "num_latents": 8,
+                                                               "num_ahead": 8, "lora_rank": 8, "init": "decoder"}),
+                              positions=4, seq_len=128, batch_size=2, steps=args.train_steps,
+                              warmup_steps=2, lr=1e-3, eval_every=args.train_steps, eval_sequences=4,
+                              save_every=args.train_steps, max_docs=3000)
+        if (out / "live-run").exists():  # a fresh run each time, not a resume of the last demo
+            import shutil
+
+            shutil.rmtree(out / "live-run")
+        train(live_args)
+        records = [json.loads(x) for x in (out / "live-run" / "metrics.jsonl").read_text().splitlines()]
+        live = {"args": asdict(live_args), "first": records[0], "last": records[-1]}
+
+    print("[3/3] writing the report", flush=True)
+    plot_positions({f"shipped coprocessor ({config.num_latents} latents)": report}, out / "ppl_by_position.png",
+                   f"{args.model} on held-out {args.data}: augmented vs frozen model")
+    result = {"model": args.model, "data": args.data, "coprocessor": args.coprocessor,
+              "coprocessor_config": config.to_dict(), "held_out": report.to_dict(),
+              "prompt": {"text": PROMPT, "base": without, "augmented": with_aug}, "live_training": live,
+              "seconds": time.time() - started}
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(
+        f"# dca demo: {args.model}, held-out {args.data}\n\n"
+        f"Coprocessor `{args.coprocessor}` (N={config.num_latents}); {len(seqs)} held-out sequences of "
+        f"{args.seq_len} tokens, {positions.numel()} augmentation points. Negative = augmentation helps.\n\n"
+        f"{report.markdown()}\n\n![](ppl_by_position.png)\n\n"
+        f"Prompt: `{PROMPT}`\n\n- base: `{without}`\n- augmented: `{with_aug}`\n")
+    print(f"report: {out}/report.md, report.json, ppl_by_position.png ({result['seconds']:.0f} s)")
+    return result
