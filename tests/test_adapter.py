@@ -19,7 +19,9 @@ def trained(family="llama", **config):
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", [{}, {"lora_rank": 4}, {"init": "scratch", "latent_scale": "learned"}])
+@pytest.mark.parametrize("variant", [
+    {}, {"lora_rank": 4}, {"init": "scratch", "latent_scale": "learned"}, {"method": "pause"},
+])
 def test_round_trip_is_exact(tmp_path, variant):
     model = trained(**variant)
     model.save_pretrained(tmp_path / "adapter")

@@ -17,6 +17,8 @@ from dca import CoprocessorConfig
     ({"latent_scale": "huge"}, "latent_scale"),
     ({"soft_token_init": "zeros"}, "soft_token_init"),
     ({"init_seed": "1"}, "init_seed"),
+    ({"method": "prefix"}, "method"),
+    ({"method": "pause", "lora_rank": 4}, "pause tokens"),
 ])
 def test_invalid_values_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

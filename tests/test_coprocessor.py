@@ -66,3 +66,12 @@ def test_embed_rms_scaling_puts_latents_at_the_embedding_rms():
     none = Coprocessor(decoder, CoprocessorConfig(latent_scale="none"))
     hidden = torch.randn(2, 3, 32)
     assert torch.equal(none.to_embedding_space(hidden), hidden)
+
+
+def test_pause_tokens_are_input_independent_embeddings():
+    decoder = tiny_decoder("llama")
+    pause = Coprocessor(decoder, CoprocessorConfig(method="pause", num_latents=3))
+    assert pause.body is None and trainable(pause) == {"soft_tokens"}
+    positions = torch.arange(6)[None].expand(2, -1)  # two groups of three, any cache
+    latents = pause(None, None, positions)
+    assert torch.equal(latents[0, :3], pause.soft_tokens) and torch.equal(latents[1, 3:], pause.soft_tokens)

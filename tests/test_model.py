@@ -72,6 +72,7 @@ def test_training_loss_with_right_and_left_padding(family, anchor):
     {"num_latents": 1, "num_ahead": 1},
     {"num_latents": 6, "num_ahead": 2},
     {"latent_anchor": "replay", "latent_scale": "gated", "gate_init": 0.1},
+    {"method": "pause"},
     {"latent_anchor": "last_token", "latent_scale": "gated", "gate_init": 0.5},
 ])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -198,7 +199,7 @@ def test_gradients_reach_the_coprocessor_and_never_the_decoder():
         assert torch.equal(value, before[name]), name
 
 
-@pytest.mark.parametrize("variant", [{}, {"init": "scratch"}, {"lora_rank": 4}])
+@pytest.mark.parametrize("variant", [{}, {"init": "scratch"}, {"lora_rank": 4}, {"method": "pause"}])
 def test_every_variant_trains(variant):
     model = make_model("llama", **variant).train()
     params = [p for p in model.parameters() if p.requires_grad]

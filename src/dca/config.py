@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+METHODS = ("coprocessor", "pause")
 INITS = ("decoder", "scratch")
 SOFT_TOKEN_ATTENTION = ("causal", "full")
 LATENT_SOURCES = ("final_norm", "pre_norm")
@@ -47,6 +48,11 @@ class CoprocessorConfig:
     """How the coprocessor is built and what it feeds the frozen decoder.
 
     Attributes:
+        method: ``"coprocessor"`` (the method) or ``"pause"``: the paper's pause-token baseline (its
+            Table 3), N trainable input-independent embeddings written after the prompt. A pause
+            "coprocessor" has no transformer: its latents are its soft tokens, so the fields about
+            weights and latent mapping (init, lora_*, soft_token_attention, latent_*, gate_init)
+            do not apply to it.
         num_latents: N, latent embeddings written into the cache per augmentation.
         num_ahead: A, teacher-forced tokens after each augmentation point that carry the loss.
         init: ``"decoder"`` copies the decoder's weights (the paper's default), ``"scratch"``
@@ -73,6 +79,7 @@ class CoprocessorConfig:
         init_seed: seeds the soft-token (and scratch-weight) initialisation.
     """
 
+    method: str = field(default="coprocessor", metadata=_meta("coprocessor, or the pause-token baseline", METHODS))
     num_latents: int = field(default=16, metadata=_meta("N, latents per augmentation"))
     num_ahead: int = field(default=16, metadata=_meta("A, ahead tokens scored after each augmentation"))
     init: str = field(default="decoder", metadata=_meta("coprocessor weights at start", INITS))
@@ -95,6 +102,8 @@ class CoprocessorConfig:
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool):
             raise ValueError(f"CoprocessorConfig.gate_init must be a number, got {self.gate_init!r}")
+        if self.method == "pause" and self.lora_rank is not None:
+            raise ValueError("CoprocessorConfig: pause tokens have no transformer to adapt; unset lora_rank")
         if self.lora_rank is not None:
             _check_positive_int("lora_rank", self.lora_rank)
             if self.init == "scratch":

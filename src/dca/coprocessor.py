@@ -80,17 +80,20 @@ def init_soft_tokens(decoder: PreTrainedModel, config: CoprocessorConfig) -> tor
 
 
 class Coprocessor(nn.Module):
-    """Soft tokens in, latent embeddings (in the decoder's input-embedding space) out."""
+    """Soft tokens in, latent embeddings (in the decoder's input-embedding space) out.
+
+    With ``method="pause"`` there is no transformer: the soft tokens are the latents (pause tokens).
+    """
 
     def __init__(self, decoder: PreTrainedModel, config: CoprocessorConfig):
         super().__init__()
         self.config = config
-        self.body = build_body(decoder, config)
+        self.body = build_body(decoder, config) if config.method == "coprocessor" else None
         param = decoder.get_input_embeddings().weight
         self.soft_tokens = nn.Parameter(init_soft_tokens(decoder, config).to(param.device, param.dtype))
         rms = embedding_sample(decoder).pow(2).mean(-1).sqrt().mean()
         self.register_buffer("embed_rms", rms.to(param.device, param.dtype), persistent=False)
-        gain_shape = {"learned": (param.shape[-1],), "gated": (1,)}.get(config.latent_scale)
+        gain_shape = {"learned": (param.shape[-1],), "gated": (1,)}.get(config.latent_scale) if self.body else None
         if gain_shape is not None:
             start = 1.0 if config.latent_scale == "learned" else float(config.gate_init)
             self.latent_gain = nn.Parameter(torch.full(gain_shape, start, device=param.device, dtype=param.dtype))
@@ -112,6 +115,8 @@ class Coprocessor(nn.Module):
         batch, q_len = position_ids.shape
         groups = q_len // self.config.num_latents
         soft = self.soft_tokens.repeat(groups, 1)[None].expand(batch, -1, -1)
+        if self.body is None:  # pause tokens: input-independent, written as they are
+            return soft
         captured: list[torch.Tensor] = []
         hook = None
         if self.config.latent_source == "pre_norm":

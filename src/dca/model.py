@@ -175,7 +175,7 @@ class AugmentedLM(nn.Module):
                        positions: torch.Tensor) -> torch.Tensor | None:
         """[B, P * N, H]: the embeddings each group's latents are added to (`config.latent_anchor`)."""
         kind, n = self.coprocessor.config.latent_anchor, self.coprocessor.config.num_latents
-        if kind == "none":
+        if kind == "none" or self.coprocessor.body is None:
             return None
         offsets = torch.arange(1 - n, 1, device=input_ids.device)  # x[t-N+1 .. t]
         first_real = (attention_mask.cumsum(1) == 0).sum(1)[:, None, None]  # never reach into left padding
