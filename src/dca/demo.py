@@ -113,7 +113,7 @@ def run_demo(args: DemoArgs) -> dict:
         live = {"args": asdict(live_args), "first": records[0], "last": records[-1]}
 
     print("[3/3] writing the report", flush=True)
-    plot_positions({f"shipped coprocessor ({config.num_latents} latents)": report}, out / "ppl_by_position.png",
+    plot_positions({f"coprocessor ({config.num_latents} latents)": report}, out / "ppl_by_position.png",
                    f"{args.model} on held-out {args.data}: augmented vs frozen model")
     result = {"model": args.model, "data": args.data, "coprocessor": args.coprocessor,
               "coprocessor_config": config.to_dict(), "held_out": report.to_dict(),
