@@ -253,3 +253,10 @@ def test_bf16_autocast_trains_and_stays_close_to_float32(family):
     low.loss.backward()
     assert model.coprocessor.soft_tokens.grad is not None
     torch.testing.assert_close(low.loss.float(), exact, rtol=0.05, atol=0.05)
+
+
+def test_gradient_checkpointing_is_refused_not_silently_wrong():
+    model = make_model()
+    model.decoder.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.training_loss(torch.zeros(1, 8, dtype=torch.long), torch.tensor([[2]]))

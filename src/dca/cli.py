@@ -53,12 +53,14 @@ def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from dca.bench import BenchArgs, run_bench
     from dca.demo import DemoArgs, run_demo
+    from dca.eval_suite import EvalArgs, run_eval
     from dca.init_study import InitStudyArgs, run_init_study
     from dca.train import TrainArgs, train
 
     return {
         "demo": (DemoArgs, run_demo, "the whole story on SmolLM2-135M and held-out Wikipedia, in minutes"),
         "train": (TrainArgs, train, "train a coprocessor for a frozen model on plain text"),
+        "eval": (EvalArgs, run_eval, "the paper's tables for saved coprocessors, beside the frozen model"),
         "bench": (BenchArgs, run_bench, "time one training step: one-pass vs sequential vs fine-tuning"),
         "init-study": (InitStudyArgs, run_init_study, "how much each latent mapping hurts before training"),
     }

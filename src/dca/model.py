@@ -123,6 +123,10 @@ class AugmentedLM(nn.Module):
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
+        if any(getattr(m, "is_gradient_checkpointing", False) for m in (self.decoder, coprocessor.body)):
+            # transformers' checkpointed layers drop past_key_values: every group would lose its prefix
+            raise ValueError("training_loss does not work with gradient checkpointing (it silently drops the "
+                             "cache the groups attend to); call gradient_checkpointing_disable()")
         input_ids, attention_mask = _check_batch(input_ids, attention_mask)
         positions = _check_positions(positions, attention_mask)
         n, a = config.num_latents, num_ahead or config.num_ahead

@@ -1,0 +1,35 @@
+"""`dca eval` on tiny local assets: Table 1 for two coprocessors (the method and pause tokens)."""
+
+import json
+
+import pytest
+from tiny_models import save_tiny_model_dir, write_toy_corpus
+
+from dca import AugmentedLM, CoprocessorConfig
+from dca.eval_suite import EvalArgs, run_eval
+from dca.resources import load_model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    corpus = write_toy_corpus(root / "corpus.txt", docs=400)
+    model_dir = save_tiny_model_dir(root / "model", pretrain_on=corpus, steps=20)
+    decoder, _ = load_model(model_dir)
+    paths = []
+    for name, config in {"copro": CoprocessorConfig(num_latents=8, num_ahead=2),
+                         "pause": CoprocessorConfig(method="pause", num_latents=4, num_ahead=2)}.items():
+        paths.append(str(AugmentedLM.from_decoder(decoder, config).save_pretrained(root / name)))
+    return model_dir, corpus, paths
+
+
+def test_table1_for_several_coprocessors(assets, tmp_path):
+    model_dir, corpus, paths = assets
+    result = run_eval(EvalArgs(coprocessors=paths, model=model_dir, data=corpus, sequences=3, seq_len=40,
+                               positions=2, bootstrap=50, out=str(tmp_path)))
+    assert set(result["table1"]) == {"copro", "pause"}
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["coprocessors"]["pause"]["method"] == "pause"
+    text = (tmp_path / "eval.md").read_text()
+    assert "| k | copro (N=8) | pause (N=4) | paper N=8 |" in text and "Reproduce:" in text
+    assert (tmp_path / "ppl_by_position.png").stat().st_size > 1000
