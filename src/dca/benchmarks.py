@@ -227,6 +227,7 @@ class Benchmark:
     num_shots: int
     split: str
     _load: Callable[[], list[Item]]
+    metrics: tuple[str, ...] = ("acc",)  # what the report shows (acc_norm only where it is customary)
 
     def load(self, limit: int | None = None, seed: int = 0) -> list[Item]:
         """All items, or a reproducible random subset of `limit` of them (kept in data order)."""
@@ -238,16 +239,19 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    Benchmark("arc_easy", "multiple_choice", 0, "test", lambda: _load_arc("easy")),
-    Benchmark("arc_challenge", "multiple_choice", 0, "test", lambda: _load_arc("challenge")),
+    Benchmark("arc_easy", "multiple_choice", 0, "test", lambda: _load_arc("easy"), ("acc", "acc_norm")),
+    Benchmark("arc_challenge", "multiple_choice", 0, "test", lambda: _load_arc("challenge"), ("acc", "acc_norm")),
     Benchmark("hellaswag", "multiple_choice", 0, "validation",
-              lambda: [format_hellaswag(r, i) for i, r in enumerate(_hf("hellaswag/none/validation"))]),
+              lambda: [format_hellaswag(r, i) for i, r in enumerate(_hf("hellaswag/none/validation"))],
+              ("acc", "acc_norm")),
     Benchmark("piqa", "multiple_choice", 0, "validation",
-              lambda: [format_piqa(r, i) for i, r in enumerate(_hf("piqa/plain_text/validation"))]),
+              lambda: [format_piqa(r, i) for i, r in enumerate(_hf("piqa/plain_text/validation"))],
+              ("acc", "acc_norm")),
     Benchmark("winogrande", "multiple_choice", 0, "validation",
               lambda: [format_winogrande(r, i) for i, r in enumerate(_hf("winogrande/winogrande_xl/validation"))]),
     Benchmark("mmlu", "multiple_choice", 5, "test", _load_mmlu),
-    Benchmark("gsm8k", "generate", 8, "test", lambda: [format_gsm8k(d) for d in _oe_docs("gsm8k/gold_bpb_5shot")]),
+    Benchmark("gsm8k", "generate", 8, "test", lambda: [format_gsm8k(d) for d in _oe_docs("gsm8k/gold_bpb_5shot")],
+              ("exact_match",)),
 ]}
 
 
@@ -266,13 +270,17 @@ class MultipleChoiceResult:
     answers: list[int]
 
     @property
+    def correct(self) -> dict[str, list[bool]]:
+        return {"acc": [p == a for p, a in zip(self.predictions, self.answers, strict=True)],
+                "acc_norm": [p == a for p, a in zip(self.predictions_norm, self.answers, strict=True)]}
+
+    @property
     def accuracy(self) -> float:
-        return sum(p == a for p, a in zip(self.predictions, self.answers, strict=True)) / max(len(self.answers), 1)
+        return sum(self.correct["acc"]) / max(len(self.answers), 1)
 
     @property
     def accuracy_norm(self) -> float:
-        hits = sum(p == a for p, a in zip(self.predictions_norm, self.answers, strict=True))
-        return hits / max(len(self.answers), 1)
+        return sum(self.correct["acc_norm"]) / max(len(self.answers), 1)
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -317,22 +325,3 @@ def score_generation(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, ite
                            batch_size=batch_size)
     preds = [extract(t) for t in texts]
     return GenerationResult(texts, preds, [is_correct(p, item.answer) for p, item in zip(preds, items, strict=True)])
-
-
-def evaluate_benchmark(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, name: str,
-                       items: Sequence[Item] | None = None, *, limit: int | None = None, seed: int = 0,
-                       batch_size: int = 8, max_new_tokens: int = 256) -> dict:
-    """Base and (when there is a coprocessor) augmented scores on the same items, as a JSON-able dict."""
-    bench = BENCHMARKS[name]
-    items = list(items) if items is not None else bench.load(limit, seed)
-    report: dict = {"benchmark": name, "num_shots": bench.num_shots, "split": bench.split, "n": len(items)}
-    for key, augment in [("base", False), ("augmented", True)][: 2 if model.coprocessor is not None else 1]:
-        if bench.kind == "multiple_choice":
-            mc = score_multiple_choice(model, tokenizer, items, augment=augment, batch_size=batch_size)
-            report[key] = {"acc": mc.accuracy, "acc_norm": mc.accuracy_norm, "predictions": mc.predictions}
-        else:
-            gen = score_generation(model, tokenizer, items, augment=augment, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size)
-            report[key] = {"exact_match": gen.accuracy, "completions": gen.completions,
-                           "predictions": gen.predictions}
-    return report

@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
+from dca.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
 from dca.demo import SHIPPED, plot_positions
 from dca.evaluate import KS, PositionReport, perplexity_by_position
 from dca.init_study import held_out_eval_set
@@ -94,8 +98,6 @@ def run_eval(args: EvalArgs) -> dict:
                         f"{table1_markdown(reports, latents)}\n\n![](ppl_by_position.png)\n")
 
     if args.benchmarks:
-        from dca.benchmarks import run_benchmarks
-
         table2 = run_benchmarks(models, tokenizer, args.benchmarks, limit=args.limit, seed=args.seed,
                                 batch_size=args.batch_size)
         result["table2"] = table2["results"]
@@ -106,3 +108,78 @@ def run_eval(args: EvalArgs) -> dict:
     print("\n".join(sections))
     print(f"\nwritten to {out}/eval.md, eval.json")
     return result
+
+
+# ------------------------------------------------------------------ Table 2
+def _score(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, bench: Benchmark, items: Sequence[Item], *,
+           augment: bool, batch_size: int, max_new_tokens: int) -> dict:
+    if bench.kind == "multiple_choice":
+        mc = score_multiple_choice(model, tokenizer, items, augment=augment, batch_size=batch_size)
+        return {"acc": mc.accuracy, "acc_norm": mc.accuracy_norm, "loglikelihoods": mc.loglikelihoods,
+                "correct": mc.correct}
+    gen = score_generation(model, tokenizer, items, augment=augment, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+    return {"exact_match": gen.accuracy, "completions": gen.completions, "predictions": gen.predictions,
+            "correct": {"exact_match": gen.correct}}
+
+
+def run_benchmarks(models: AugmentedLM | dict[str, AugmentedLM], tokenizer: PreTrainedTokenizerBase,
+                   names: Sequence[str], *, items: dict[str, Sequence[Item]] | None = None, limit: int | None = 100,
+                   seed: int = 0, batch_size: int = 8, max_new_tokens: int = 256) -> dict:
+    """Table 2: the frozen decoder ("base") and each coprocessor, all on the same seeded items.
+
+    `models` share one decoder; each with a coprocessor is scored augmented (once at every prompt's
+    end). `items` replaces the packaged data per benchmark name. Returns {"results", "markdown"}.
+    """
+    models = {"augmented": models} if isinstance(models, AugmentedLM) else dict(models)
+    first = next(iter(models.values()))
+    if any(m.decoder is not first.decoder for m in models.values()):
+        raise ValueError("run_benchmarks compares coprocessors of one decoder: pass models sharing it")
+    results = {}
+    for name in names:
+        if name not in BENCHMARKS:
+            raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        bench = BENCHMARKS[name]
+        chosen = list(items[name]) if items and name in items else bench.load(limit, seed)
+        row = {"num_shots": bench.num_shots, "split": bench.split, "n": len(chosen), "ids": [i.id for i in chosen],
+               "metrics": list(bench.metrics)}
+        kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
+        row["base"] = _score(first, tokenizer, bench, chosen, augment=False, **kwargs)
+        for label, model in models.items():
+            if model.coprocessor is not None:
+                row[label] = _score(model, tokenizer, bench, chosen, augment=True, **kwargs)
+        results[name] = row
+    return {"results": results, "markdown": benchmarks_markdown(results, seed)}
+
+
+def _interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% half-width (normal approximation) of per-item scores, in points."""
+    n = max(len(values), 1)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    return 100 * mean, 100 * 1.96 * (var / n) ** 0.5
+
+
+def benchmarks_markdown(results: dict, seed: int = 0) -> str:
+    labels = list(dict.fromkeys(k for row in results.values() for k in row if k not in
+                                ("num_shots", "split", "n", "ids", "metrics")))
+    lines = ["## Benchmarks (Table 2 protocol)", "",
+             f"Coprocessor called once at the end of each prompt; every column scores the same items (seeded subset, "
+             f"seed {seed}). ± is a 95% interval; Δ is the paired difference to base, with its 95% interval.", "",
+             "| benchmark | split | shots | n | metric | " + " | ".join(labels) + " |",
+             "|---" * (5 + len(labels)) + "|"]
+    for name, row in results.items():
+        for metric in row.get("metrics", row["base"]["correct"]):
+            base = row["base"]["correct"][metric]
+            cells = []
+            for label in labels:
+                correct = [float(c) for c in row[label]["correct"][metric]] if label in row else []
+                mean, half = _interval(correct)
+                cell = f"{mean:.1f} ± {half:.1f}"
+                if label != "base" and correct:
+                    diff, diff_half = _interval([c - float(b) for c, b in zip(correct, base, strict=True)])
+                    cell += f" (Δ {diff:+.1f} ± {diff_half:.1f})"
+                cells.append(cell if correct else "–")
+            lines.append(f"| {name} | {row['split']} | {row['num_shots']} | {row['n']} | {metric} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -94,10 +94,12 @@ def _score_continuations(model: AugmentedLM, cache: DynamicCache, first_logits: 
         out = model.decoder(input_ids=targets[:, :-1], attention_mask=torch.cat([past_mask, valid[:, :-1].long()], 1),
                             position_ids=position_ids, past_key_values=forked, use_cache=True)
         logits = torch.cat([logits, out.logits], dim=1)
-    logprobs = F.log_softmax(logits.float(), dim=-1)
-    token_lp = logprobs.gather(-1, targets[..., None])[..., 0] * valid
-    greedy = (logprobs.argmax(-1) == targets) | ~valid
-    return [(float(lp), bool(g)) for lp, g in zip(token_lp.sum(1).tolist(), greedy.all(1).tolist(), strict=True)]
+    results = []
+    for row, cont in enumerate(continuations):  # one row at a time: float32 [W, vocab], not [R, W, vocab]
+        logprobs = F.log_softmax(logits[row, : len(cont)].float(), dim=-1)
+        target = targets[row, : len(cont)]
+        results.append((float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())))
+    return results
 
 
 def loglikelihood_ids(model: AugmentedLM, requests: Sequence[Pair], *, augment: bool,

@@ -173,6 +173,8 @@ def save_checkpoint(run_dir: Path, model: AugmentedLM, optimizer, scheduler, ste
 
 def _check_same_run(run_dir: Path, args: TrainArgs) -> None:
     saved = json.loads((run_dir / "args.json").read_text())
+    # fields added to CoprocessorConfig since the run started take their defaults
+    saved["coprocessor"] = CoprocessorConfig.from_dict(saved.get("coprocessor", {})).to_dict()
     ignore = {"steps", "eval_every", "save_every", "progress", "device"}
     changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
                if k not in ignore and saved.get(k) != v}
