@@ -257,6 +257,6 @@ def test_bf16_autocast_trains_and_stays_close_to_float32(family):
 
 def test_gradient_checkpointing_is_refused_not_silently_wrong():
     model = make_model()
-    model.decoder.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    model.decoder.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="checkpointing: it silently drops the cache"):
         model.training_loss(torch.zeros(1, 8, dtype=torch.long), torch.tensor([[2]]))

@@ -123,10 +123,10 @@ class AugmentedLM(nn.Module):
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
-        if any(getattr(m, "is_gradient_checkpointing", False) for m in (self.decoder, coprocessor.body)):
+        if any(_checkpointing(m) for m in (self.decoder, coprocessor.body)):
             # transformers' checkpointed layers drop past_key_values: every group would lose its prefix
-            raise ValueError("training_loss does not work with gradient checkpointing (it silently drops the "
-                             "cache the groups attend to); call gradient_checkpointing_disable()")
+            raise ValueError("training_loss does not work with activation (gradient) checkpointing: it silently "
+                             "drops the cache the groups attend to; call activation_checkpointing_disable()")
         input_ids, attention_mask = _check_batch(input_ids, attention_mask)
         positions = _check_positions(positions, attention_mask)
         n, a = config.num_latents, num_ahead or config.num_ahead
@@ -249,6 +249,12 @@ class AugmentedLM(nn.Module):
                                           attention_mask=out.attention_mask,
                                           past_key_values=out.past_key_values, **generate_kwargs)
         return torch.cat([input_ids, sequences[:, placeholder_ids.shape[1]:]], dim=1)
+
+
+def _checkpointing(module: nn.Module | None) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    flag = getattr(module, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(module, "is_gradient_checkpointing", False))
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
