@@ -22,7 +22,7 @@ from dca.resources import load_model
 from dca.train import TrainArgs, train
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = REPO / "coprocessors" / "smollm2-135m-wiki"
+SHIPPED = Path("coprocessors") / "smollm2-135m-wiki"  # relative to the repository
 PAPER_TABLE1_N8 = [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55]  # Gemma-2 2B, 8 latents (PAPER.md)
 PROMPT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was designed by"
 
@@ -34,11 +34,20 @@ class DemoArgs:
     coprocessor: str = field(default=str(SHIPPED), metadata={"help": "a saved coprocessor for the model"})
     model: str = field(default="smollm2-135m", metadata={"help": "the frozen decoder it was trained for"})
     data: str = field(default="wiki", metadata={"help": "corpus whose held-out split is evaluated"})
-    sequences: int = field(default=12, metadata={"help": "held-out sequences to evaluate"})
+    sequences: int = field(default=32, metadata={"help": "held-out sequences to evaluate"})
     seq_len: int = field(default=256, metadata={"help": "tokens per held-out sequence"})
     positions: int = field(default=8, metadata={"help": "augmentation points per sequence"})
     train_steps: int = field(default=12, metadata={"help": "steps of the short live training run (0: skip)"})
     out: str = field(default="reports/demo", metadata={"help": "report folder"})
+
+
+def resolve_coprocessor(path: str) -> Path:
+    """A saved coprocessor's folder; the shipped ones are found from any working directory."""
+    if not Path(path).is_dir() and (REPO / path).is_dir():
+        return REPO / path
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no coprocessor at {path}: train one with `dca train` and pass its RUN/adapter")
+    return Path(path)
 
 
 def plot_positions(reports: dict[str, PositionReport], path: Path, title: str) -> None:
@@ -82,10 +91,7 @@ def run_demo(args: DemoArgs) -> dict:
     decoder, tokenizer = load_model(args.model)
     seqs, positions = held_out_eval_set(tokenizer, args.data, 0.05, args.sequences, args.seq_len, args.positions,
                                         max(KS))
-    if not Path(args.coprocessor).is_dir():
-        raise FileNotFoundError(f"no coprocessor at {args.coprocessor}: train one with `dca train` and pass "
-                                "--coprocessor RUN/adapter")
-    model = AugmentedLM.from_pretrained(args.coprocessor, decoder)
+    model = AugmentedLM.from_pretrained(resolve_coprocessor(args.coprocessor), decoder)
     config = model.coprocessor.config
     print(f"      coprocessor {args.coprocessor}: N={config.num_latents} latents, "
           f"{'LoRA r' + str(config.lora_rank) if config.uses_lora else config.init}; evaluating "

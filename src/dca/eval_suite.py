@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from dca.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
-from dca.demo import SHIPPED, plot_positions
+from dca.demo import SHIPPED, plot_positions, resolve_coprocessor
 from dca.evaluate import KS, PositionReport, perplexity_by_position
 from dca.init_study import held_out_eval_set
 from dca.model import AugmentedLM
@@ -78,7 +78,7 @@ def run_eval(args: EvalArgs) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     decoder, tokenizer = load_model(args.model)
-    models = {_label(p): AugmentedLM.from_pretrained(p, decoder) for p in args.coprocessors}
+    models = {_label(p): AugmentedLM.from_pretrained(resolve_coprocessor(p), decoder) for p in args.coprocessors}
     latents = {name: m.coprocessor.config.num_latents for name, m in models.items()}
     result: dict = {"command": command, "args": asdict(args), "coprocessors": {
         name: m.coprocessor.config.to_dict() for name, m in models.items()}}
