@@ -35,7 +35,7 @@ class DemoArgs:
     model: str = field(default="smollm2-135m", metadata={"help": "the frozen decoder it was trained for"})
     data: str = field(default="wiki", metadata={"help": "corpus whose held-out split is evaluated"})
     sequences: int = field(default=64, metadata={"help": "held-out sequences to evaluate"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per held-out sequence (the shipped one trained on 128)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per held-out sequence (the training length)"})
     positions: int = field(default=8, metadata={"help": "augmentation points per sequence"})
     train_steps: int = field(default=12, metadata={"help": "steps of the short live training run (0: skip)"})
     out: str = field(default="reports/demo", metadata={"help": "report folder"})
