@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import WORDS, tiny_decoder, word_tokenizer
+from tiny_models import WORDS, greedy_one_by_one, tiny_decoder, word_tokenizer
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.benchmarks import (
@@ -271,11 +271,7 @@ def test_score_multiple_choice_equals_hand_computation(augment):
 def test_score_generation_equals_unbatched_greedy_generation(augment):
     model, tok = make_model(words=True), word_tokenizer()
     prompts = ["the cat sees a", "dog", "a big red bird likes the small"]
-    singles = []
-    for p in prompts:
-        ids = torch.tensor([tok(p).input_ids])
-        out = model.generate(ids, augment=augment, max_new_tokens=6, do_sample=False, pad_token_id=1)
-        singles.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    singles = greedy_one_by_one(model, tok, prompts, augment, max_new_tokens=6)
     stop = [singles[0].split()[2]]  # a word the first completion reaches: it must be cut there (substring match)
     items = [GenerationItem(p, "tree", f"g{i}") for i, p in enumerate(prompts)]
     result = score_generation(model, tok, items, augment=augment, max_new_tokens=6, batch_size=2, stop=stop,

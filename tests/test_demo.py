@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny_models import save_tiny_model_dir, write_toy_corpus
+from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.cli import main
@@ -14,8 +14,7 @@ from dca.resources import load_model
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    corpus = write_toy_corpus(root / "corpus.txt", docs=400)
-    model_dir = save_tiny_model_dir(root / "model", pretrain_on=corpus, steps=20)
+    model_dir, corpus = toy_model_and_corpus(root)
     decoder, _ = load_model(model_dir)
     AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, num_ahead=2)).save_pretrained(root / "adapter")
     return model_dir, corpus, str(root / "adapter")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_benchmarks import hand_loglikelihood, make_model
-from tiny_models import word_tokenizer
+from tiny_models import greedy_one_by_one, word_tokenizer
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -87,11 +87,7 @@ def test_loglikelihood_rolling_is_the_plain_decoder():
 def test_generate_until_stops_at_the_until_strings(augment):
     model, tok = make_model(words=True), word_tokenizer()
     prompts = ["the cat sees a", "a big red bird likes the small", "dog"]
-    singles = []
-    for p in prompts:
-        ids = torch.tensor([tok(p).input_ids])
-        out = model.generate(ids, augment=augment, max_new_tokens=5, do_sample=False, pad_token_id=1)
-        singles.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    singles = greedy_one_by_one(model, tok, prompts, augment, max_new_tokens=5)
     until = singles[0].split()[1]
     reqs = [(prompts[0], {"until": [until], "max_gen_toks": 5, "do_sample": False}),
             (prompts[1], {"until": ["zzz"], "max_gen_toks": 5}),

@@ -105,3 +105,19 @@ def write_toy_corpus(path, docs: int = 120, seed: int = 0) -> str:
         lines.append(" ".join(sentences))
     path.write_text("\n\n".join(lines))
     return str(path)
+
+
+def greedy_one_by_one(model, tokenizer, prompts, augment: bool, max_new_tokens: int) -> list[str]:
+    """Unbatched greedy completions: the reference batched scorers must reproduce."""
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        out = model.generate(ids, augment=augment, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=1)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def toy_model_and_corpus(root, docs: int = 400, pretrain_steps: int = 20) -> tuple[str, str]:
+    """A briefly pretrained tiny model folder and the toy corpus it learned from."""
+    corpus = write_toy_corpus(root / "corpus.txt", docs=docs)
+    return save_tiny_model_dir(root / "model", pretrain_on=corpus, steps=pretrain_steps), corpus
