@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dca.config import CoprocessorConfig
-from dca.evaluate import KS, PositionReport, perplexity_by_position
-from dca.init_study import held_out_eval_set
+from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
 from dca.train import TrainArgs, train

@@ -21,8 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dca.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
 from dca.demo import SHIPPED, plot_positions, resolve_coprocessor
-from dca.evaluate import KS, PositionReport, perplexity_by_position
-from dca.init_study import held_out_eval_set
+from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
 

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dca.data import sample_positions, split_texts, tokenize_and_pack
 from dca.model import AugmentedLM
+from dca.resources import load_texts
 
 KS = (1, 2, 4, 8, 16, 32)
 
@@ -93,3 +95,14 @@ def perplexity_by_position(model: AugmentedLM, sequences: torch.Tensor, position
         num_sequences=len(sequences),
         num_groups=int(positions.numel()),
     )
+
+
+def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequences: int, seq_len: int,
+                      positions: int, max_k: int, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed held-out sequences and augmentation points that leave `max_k` tokens after each."""
+    _, held_out = split_texts(load_texts(data), held_out_fraction)
+    seqs = tokenize_and_pack(held_out, model_tokenizer, seq_len)[:sequences]
+    if len(seqs) < sequences:
+        raise ValueError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
+    generator = torch.Generator().manual_seed(seed)
+    return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator)

@@ -12,13 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from dca.config import CoprocessorConfig
-from dca.data import sample_positions, split_texts, tokenize_and_pack
-from dca.evaluate import KS, perplexity_by_position
+from dca.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
-from dca.resources import load_model, load_texts
+from dca.resources import load_model
 
 VARIANTS: dict[str, dict] = {
     "hidden states as embeddings (naive)": {"latent_scale": "none"},
@@ -47,17 +44,6 @@ class InitStudyArgs:
     positions: int = field(default=6, metadata={"help": "augmentation points per sequence"})
     held_out_fraction: float = field(default=0.05, metadata={"help": "as in dca train"})
     out: str = field(default="results/init-study", metadata={"help": "folder for JSON and markdown"})
-
-
-def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequences: int, seq_len: int,
-                      positions: int, max_k: int, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed held-out sequences and augmentation points that leave `max_k` tokens after each."""
-    _, held_out = split_texts(load_texts(data), held_out_fraction)
-    seqs = tokenize_and_pack(held_out, model_tokenizer, seq_len)[:sequences]
-    if len(seqs) < sequences:
-        raise ValueError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
-    generator = torch.Generator().manual_seed(seed)
-    return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator)
 
 
 def run_init_study(args: InitStudyArgs) -> dict:

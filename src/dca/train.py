@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from dca.adapter import load_adapter
 from dca.config import CoprocessorConfig
 from dca.data import BatchSchedule, sample_positions, split_texts, tokenize_and_pack
+from dca.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
 from dca.resources import load_model, load_texts
 
@@ -122,20 +123,11 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-@torch.no_grad()
-def evaluate(model: AugmentedLM, data: TrainingData, device: torch.device, batch_size: int, bf16: bool) -> dict:
-    was_training = model.training
-    model.eval()
-    total = base = count = 0.0
-    for start in range(0, len(data.eval_sequences), batch_size):
-        with autocast(device, bf16):
-            out = model.training_loss(data.eval_sequences[start : start + batch_size].to(device),
-                                      data.eval_positions[start : start + batch_size].to(device), with_baseline=True)
-        total += float(out.token_losses.sum())
-        base += float(out.baseline_token_losses.sum())
-        count += out.num_targets
-    model.train(was_training)
-    loss, base_loss = total / count, base / count
+def evaluate(model: AugmentedLM, data: TrainingData, batch_size: int, bf16: bool) -> dict:
+    aug, base, count = token_losses_by_distance(model, data.eval_sequences, data.eval_positions,
+                                                model.coprocessor.config.num_ahead, batch_size,
+                                                autocast_bf16=bf16)
+    loss, base_loss = float(aug.sum() / count.sum()), float(base.sum() / count.sum())
     return {"eval_loss": loss, "eval_base_loss": base_loss, "eval_rel_ppl_change": math.exp(loss - base_loss) - 1}
 
 
@@ -222,7 +214,7 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
           f"{trainable:,} trainable parameters; device {device}{' bf16' if bf16 else ''}"
           f"{f'; resuming at step {start_step}' if resuming else ''}", file=sys.stderr)
     if start_step == 0:
-        _log(log, {"step": 0, **evaluate(model, data, device, args.batch_size, bf16)})
+        _log(log, {"step": 0, **evaluate(model, data, args.batch_size, bf16)})
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not args.progress,
                desc="train", dynamic_ncols=True)
     for step in bar:
@@ -247,7 +239,7 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
         bar.set_postfix(loss=f"{record['loss']:.3f}", base=f"{record['base_loss']:.3f}",
                         tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            record.update(evaluate(model, data, device, args.batch_size, bf16))
+            record.update(evaluate(model, data, args.batch_size, bf16))
             bar.write(f"step {step + 1}: held-out loss {record['eval_loss']:.4f} vs base {record['eval_base_loss']:.4f}"
                       f" ({100 * record['eval_rel_ppl_change']:+.2f}% perplexity)")
         _log(log, record)
