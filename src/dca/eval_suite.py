@@ -24,6 +24,7 @@ from dca.demo import SHIPPED, plot_positions, resolve_coprocessor
 from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
+from dca.train import resolve_device
 
 # PAPER.md Table 1 (Gemma-2 2B), relative perplexity change (%) by latent count
 PAPER_TABLE1 = {8: [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55], 16: [-2.48, -2.41, -1.98, -1.56, -1.08, -0.64],
@@ -47,6 +48,8 @@ class EvalArgs:
     limit: int | None = field(default=100, metadata={"help": "items per benchmark (a seeded subset)"})
     seed: int = field(default=0, metadata={"help": "seed of the benchmark subsets"})
     batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per answer (GSM8K)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     out: str = field(default="results/eval", metadata={"help": "report folder"})
 
 
@@ -76,7 +79,7 @@ def run_eval(args: EvalArgs) -> dict:
     command = "dca eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else repr(asdict(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    decoder, tokenizer = load_model(args.model)
+    decoder, tokenizer = load_model(args.model, device=resolve_device(args.device))
     models = {_label(p): AugmentedLM.from_pretrained(resolve_coprocessor(p), decoder) for p in args.coprocessors}
     latents = {name: m.coprocessor.config.num_latents for name, m in models.items()}
     result: dict = {"command": command, "args": asdict(args), "coprocessors": {
@@ -98,7 +101,7 @@ def run_eval(args: EvalArgs) -> dict:
 
     if args.benchmarks:
         table2 = run_benchmarks(models, tokenizer, args.benchmarks, limit=args.limit, seed=args.seed,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         result["table2"] = table2["results"]
         sections.append(table2["markdown"])
 
@@ -117,7 +120,7 @@ def _score(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, bench: Benchm
         return {"acc": mc.accuracy, "acc_norm": mc.accuracy_norm, "loglikelihoods": mc.loglikelihoods,
                 "correct": mc.correct}
     gen = score_generation(model, tokenizer, items, augment=augment, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+                           batch_size=batch_size, stop=bench.stop)
     return {"exact_match": gen.accuracy, "completions": gen.completions, "predictions": gen.predictions,
             "correct": {"exact_match": gen.correct}}
 
