@@ -11,7 +11,7 @@ it. Prompts follow lm-evaluation-harness (GSM8K: the OLMES 8-shot CoT prompt tha
 | winogrande | validation (1267) | 0 | sentence up to "_", then the option | " {rest of sentence}" |
 | mmlu | test (14042) | 5 (dev) | header + 5 dev shots + "{q}\\nA. ..\\nD. ..\\nAnswer:" | " A" .. " D" |
 | gsm8k | test (1319) | 8 | 8 "Question: ..\\nAnswer: .. So the answer is N." + question | generated |
-| gsm8k_cot0 | test (1319) | 0 | "Question: {q}\\nAnswer: Let's think step by step." (zero-shot CoT, Table 4) | generated |
+| gsm8k_cot0 | test (1319) | 0 | "Question: {q}\\nAnswer: Let's think step by step." (Table 4) | generated |
 
 WinoGrande scores one shared continuation after two different contexts (lm-eval's "partial"
 scoring): such items carry `contexts`, one per choice; their acc_norm equals acc.
