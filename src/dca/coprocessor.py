@@ -67,7 +67,8 @@ def build_body(decoder: PreTrainedModel, config: CoprocessorConfig) -> nn.Module
 
 
 def init_soft_tokens(decoder: PreTrainedModel, config: CoprocessorConfig) -> torch.Tensor:
-    table = embedding_sample(decoder, max_rows=decoder.get_input_embeddings().num_embeddings)
+    # on the CPU, so that a seed gives the same soft tokens on every device
+    table = embedding_sample(decoder, max_rows=decoder.get_input_embeddings().num_embeddings).detach().float().cpu()
     generator = torch.Generator().manual_seed(config.init_seed)
     n, dim = config.num_latents, table.shape[1]
     if config.soft_token_init == "vocab_sample":
