@@ -201,7 +201,8 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     start_step = 0
     if resuming:
-        state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", map_location=device, weights_only=False)
+        # on the CPU: RNG states must stay there; load_state_dict moves the optimiser's state to the parameters
+        state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
