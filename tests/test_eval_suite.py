@@ -6,7 +6,7 @@ import pytest
 from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.eval_suite import EvalArgs, run_eval
+from dca.eval_suite import EvalArgs, plot_accuracy_by_latents, run_eval
 from dca.resources import load_model
 
 
@@ -32,3 +32,20 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     text = (tmp_path / "eval.md").read_text()
     assert "| k | copro (N=8) | pause (N=4) | paper N=8 |" in text and "Reproduce:" in text
     assert (tmp_path / "ppl_by_position.png").stat().st_size > 1000
+
+
+def _synthetic_eval(latents: dict[str, tuple[str, int]]) -> dict:
+    correct = {"acc": [True, False, True, True]}
+    row = {"metrics": ["acc"], "base": {"correct": correct}} | {name: {"correct": correct} for name in latents}
+    return {"coprocessors": {name: {"method": m, "num_latents": n} for name, (m, n) in latents.items()},
+            "table2": {"arc_easy": row, "piqa": row}}
+
+
+def test_accuracy_by_latents_plot_needs_two_latent_counts(tmp_path):
+    sweep = _synthetic_eval({"n4": ("coprocessor", 4), "n16": ("coprocessor", 16), "pause": ("pause", 16)})
+    assert plot_accuracy_by_latents(sweep, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    one_count = _synthetic_eval({"a": ("coprocessor", 16), "b": ("coprocessor", 16), "pause": ("pause", 4)})
+    assert not plot_accuracy_by_latents(one_count, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert not plot_accuracy_by_latents({"coprocessors": sweep["coprocessors"]}, tmp_path / "no-table2.png")

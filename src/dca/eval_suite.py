@@ -104,6 +104,8 @@ def run_eval(args: EvalArgs) -> dict:
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         result["table2"] = table2["results"]
         sections.append(table2["markdown"])
+        if plot_accuracy_by_latents(result, out / "accuracy_by_latents.png"):
+            sections.append("![](accuracy_by_latents.png)\n")
 
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "eval.md").write_text("\n".join(sections))
@@ -160,6 +162,52 @@ def _interval(values: Sequence[float]) -> tuple[float, float]:
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
     return 100 * mean, 100 * 1.96 * (var / n) ** 0.5
+
+
+def plot_accuracy_by_latents(result: dict, path: Path) -> bool:
+    """Each benchmark's accuracy against the latent count N (the paper's Table 2 as a picture).
+
+    `result` is an eval.json. Coprocessors are dots joined through their mean at each N, pause tokens
+    crosses, the frozen model a dashed line; bars are 95% intervals. Draws nothing and returns False
+    unless the coprocessors span at least two latent counts.
+    """
+    table2, configs = result.get("table2"), result.get("coprocessors", {})
+    latents = {name: c["num_latents"] for name, c in configs.items()}
+    if not table2 or len({n for name, n in latents.items() if configs[name]["method"] == "coprocessor"}) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table2), figsize=(2.5 * len(table2), 3.0), squeeze=False, sharex=True)
+    for ax, (bench, row) in zip(axes[0], table2.items(), strict=True):
+        metric = row["metrics"][0]
+        base, _ = _interval([float(c) for c in row["base"]["correct"][metric]])
+        ax.axhline(base, linestyle="--", color="gray", label="frozen model")
+        by_n: dict[int, list[float]] = {}
+        for name, n in latents.items():
+            if name not in row:
+                continue
+            mean, half = _interval([float(c) for c in row[name]["correct"][metric]])
+            pause = configs[name]["method"] == "pause"
+            ax.errorbar([n * 1.12 if pause else n], [mean], yerr=[half], fmt="x" if pause else "o",
+                        color="C1" if pause else "C0", alpha=0.8, capsize=2)
+            if not pause:
+                by_n.setdefault(n, []).append(mean)
+        ns = sorted(by_n)
+        ax.plot(ns, [sum(by_n[n]) / len(by_n[n]) for n in ns], color="C0", label="coprocessor")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_title(f"{bench} ({metric})", fontsize=9)
+        ax.set_xlabel("latents N", fontsize=8)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].plot([], [], "x", color="C1", label="pause tokens")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def benchmarks_markdown(results: dict, seed: int = 0) -> str:
