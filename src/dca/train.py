@@ -61,7 +61,8 @@ class TrainArgs:
     held_out_fraction: float = field(default=0.05, metadata=_help("documents kept out of training"))
     max_docs: int | None = field(default=None, metadata=_help("use only the first documents of the corpus"))
     eval_every: int = field(default=50, metadata=_help("held-out evaluation every this many steps"))
-    eval_sequences: int = field(default=16, metadata=_help("held-out sequences per evaluation"))
+    eval_sequences: int = field(default=64, metadata=_help("held-out sequences per evaluation (16 proved too few "
+                                                                 "to trust)"))
     save_every: int = field(default=50, metadata=_help("checkpoint every this many steps"))
     seed: int = field(default=0, metadata=_help("seed for data order, positions and initialisation"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
