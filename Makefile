@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RES_STAMP := $(VENV)/.resources
 
-.PHONY: setup resources resources-all eval-data demo test bench clean
+.PHONY: setup resources resources-all eval-data demo test bench suite clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/dca bench
+
+# RESULTS.md's suite: eight variants + pause tokens on one budget, then scored side by side (meant for a GPU;
+# resumable; STEPS, LIMIT and GSM8K_LIMIT size it)
+suite: $(RES_STAMP) $(EVAL_STAMP)
+	HF_HUB_OFFLINE=1 scripts/suite.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
