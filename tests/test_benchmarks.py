@@ -207,14 +207,14 @@ def test_loaded_items_are_cached_and_read_back_identically(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------ scoring against hand computations
-def make_model(family="llama", coprocessor=True, words=False):
+def make_model(family="llama", coprocessor=True, words=False, **config):
     impl = "eager" if family == "gemma2" else "sdpa"
     decoder = tiny_decoder(family, impl)
     if words:  # only the word tokenizer's ids: generated text is never empty
         decoder.resize_token_embeddings(len(WORDS))
     if not coprocessor:
         return AugmentedLM(decoder)
-    return AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, num_ahead=2)).eval()
+    return AugmentedLM.from_decoder(decoder, CoprocessorConfig(**{"num_latents": 2, "num_ahead": 2, **config})).eval()
 
 
 @torch.no_grad()
@@ -228,7 +228,11 @@ def hand_loglikelihood(model, ctx, cont, augment):
     if len(cont) > 1:
         cache = copy.deepcopy(out.past_key_values)
         mask = torch.ones(1, out.attention_mask.shape[1] + len(cont) - 1, dtype=torch.long)
-        logits = model.decoder(torch.tensor([cont[:-1]]), attention_mask=mask, past_key_values=cache).logits[0]
+        config = model.coprocessor.config  # the continuation resumes after the latents only if they take positions
+        start = len(ctx) + (config.num_latents if config.latent_positions == "after" else 0)
+        position_ids = torch.arange(start, start + len(cont) - 1)[None]
+        logits = model.decoder(torch.tensor([cont[:-1]]), attention_mask=mask, position_ids=position_ids,
+                               past_key_values=cache).logits[0]
         logprobs = F.log_softmax(logits.float(), -1)
         total += sum(float(logprobs[k, t]) for k, t in enumerate(cont[1:]))
     return total
@@ -245,9 +249,10 @@ def random_requests(seed=0, vocab=97):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-@pytest.mark.parametrize("augment", [False, True])
-def test_loglikelihood_ids_equals_hand_computation(family, augment):
-    model = make_model(family)
+@pytest.mark.parametrize(("augment", "latent_positions"), [(False, "after"), (True, "after"), (True, "replay"),
+                                                           (True, "shared")])
+def test_loglikelihood_ids_equals_hand_computation(family, augment, latent_positions):
+    model = make_model(family, latent_positions=latent_positions, latent_anchor="replay", gate_init=0.3)
     requests = random_requests()
     fast = loglikelihood_ids(model, requests, augment=augment, batch_size=2)
     for (ctx, cont), (ll, _) in zip(requests, fast, strict=True):

@@ -19,6 +19,7 @@ from dca import CoprocessorConfig
     ({"init_seed": "1"}, "init_seed"),
     ({"method": "prefix"}, "method"),
     ({"method": "pause", "lora_rank": 4}, "pause tokens"),
+    ({"latent_positions": "before"}, "latent_positions"),
 ])
 def test_invalid_values_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -34,3 +35,12 @@ def test_round_trips_through_a_dict():
 def test_unknown_fields_are_rejected():
     with pytest.raises(ValueError, match="unknown fields"):
         CoprocessorConfig.from_dict({"num_latents": 4, "latents": 8})
+
+
+def test_configs_saved_before_latent_positions_existed_load_as_after():
+    saved = CoprocessorConfig(num_latents=4).to_dict()
+    del saved["latent_positions"]
+    config = CoprocessorConfig.from_dict(saved)
+    assert config.latent_positions == "after" and config.positions_taken == 4
+    assert CoprocessorConfig(num_latents=4, latent_positions="replay").positions_taken == 0
+    assert CoprocessorConfig(num_latents=4, latent_positions="shared").positions_taken == 0

@@ -66,6 +66,16 @@ def test_loglikelihood_truncates_long_contexts_on_the_left():
                                                   True), rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["shared", "replay"])
+def test_latents_that_take_no_positions_leave_the_context_room(layout):
+    model, tok = make_model(words=True, latent_positions=layout, latent_anchor="replay"), word_tokenizer()
+    lm = DCALM(model, tok, max_length=6)  # 6 positions: 5 context tokens + 2 continuation - 1; the latents take none
+    assert lm.latent_positions == 0 and DCALM(model, tok, augment=False).latent_positions == 0
+    (ll, _), = lm.loglikelihood(instances("loglikelihood", [("the big red cat sees a", " small dog")]))
+    assert ll == pytest.approx(hand_loglikelihood(model, tok("big red cat sees a").input_ids,
+                                                  tok("small dog").input_ids, True), rel=1e-4, abs=1e-4)
+
+
 @torch.no_grad()
 def test_loglikelihood_rolling_is_the_plain_decoder():
     model, tok = make_model(words=True), word_tokenizer()  # has a coprocessor: rolling must not use it

@@ -22,6 +22,21 @@ def test_group_positions_continue_after_the_insertion_point():
     assert group_position_ids(pos, torch.tensor([[1, 4]]), 3).tolist() == [[2, 3, 4, 5, 6, 7]]
 
 
+def test_latent_positions_shared_and_replay_by_hand():
+    pos = torch.arange(6)[None]
+    at = torch.tensor([[1, 4]])
+    # groups of 3 latents + 2 text tokens after t = 1 and t = 4
+    assert group_position_ids(pos, at, 5, num_latents=3, layout="after").tolist() == [[2, 3, 4, 5, 6, 5, 6, 7, 8, 9]]
+    assert group_position_ids(pos, at, 5, num_latents=3, layout="shared").tolist() == [[1, 1, 1, 2, 3, 4, 4, 4, 5, 6]]
+    # replay: the positions of x[t-2 .. t], clamped at the first token
+    assert group_position_ids(pos, at, 5, num_latents=3, layout="replay").tolist() == [[0, 0, 1, 2, 3, 2, 3, 4, 5, 6]]
+    # latents only (the coprocessor's soft tokens), with left padding: padding has position 0 like x[first]
+    padded = prefix_position_ids(torch.tensor([[0, 0, 1, 1, 1, 1]]))  # [0, 0, 0, 1, 2, 3]
+    assert group_position_ids(padded, torch.tensor([[3, 5]]), 3, num_latents=3, layout="replay").tolist() == [
+        [0, 0, 1, 1, 2, 3]]
+    assert group_position_ids(padded, torch.tensor([[3]]), 3, num_latents=3, layout="shared").tolist() == [[1, 1, 1]]
+
+
 def test_two_groups_of_two_after_four_tokens_by_hand():
     valid = torch.ones(1, 4, dtype=torch.long)
     allowed = group_attention_allowed(valid, prefix_position_ids(valid), torch.tensor([[0, 2]]), 2)

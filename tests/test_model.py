@@ -9,6 +9,7 @@ from dca.reference import sequential_group_losses
 
 RTOL = 1e-5
 IMPLS = [(f, i) for f in FAMILIES for i in ("eager", "sdpa") if not (f == "gemma2" and i == "sdpa")]
+LAYOUTS = ("after", "shared", "replay")  # CoprocessorConfig.latent_positions
 
 
 def make_model(family="llama", impl="sdpa", **config):
@@ -48,10 +49,22 @@ def test_training_loss_equals_sequential(family, impl):
     assert out.target_mask[0, 3].sum() == 1 and out.target_mask[0, 2].sum() == 2
 
 
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+@pytest.mark.parametrize("layout", ["shared", "replay"])
+def test_training_loss_equals_sequential_when_latents_take_no_positions(family, impl, layout):
+    model = make_model(family, impl, latent_positions=layout, latent_anchor="replay", gate_init=0.3)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    # t = 0 and 1: the replayed positions are clamped at the first token
+    assert_matches_sequential(model, input_ids, torch.tensor([[0, 9, 21, 22], [1, 13, 17, 20]]))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("anchor", ["none", "replay"])
-def test_training_loss_with_right_and_left_padding(family, anchor):
-    model = make_model(family, "eager", latent_anchor=anchor, latent_scale="gated", gate_init=0.3)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_training_loss_with_right_and_left_padding(family, anchor, layout):
+    model = make_model(family, "eager", latent_anchor=anchor, latent_scale="gated", gate_init=0.3,
+                       latent_positions=layout)
     torch.manual_seed(2)
     input_ids = torch.randint(0, VOCAB, (3, 20))
     right = torch.ones_like(input_ids)
@@ -74,6 +87,9 @@ def test_training_loss_with_right_and_left_padding(family, anchor):
     {"latent_anchor": "replay", "latent_scale": "gated", "gate_init": 0.1},
     {"method": "pause"},
     {"latent_anchor": "last_token", "latent_scale": "gated", "gate_init": 0.5},
+    {"latent_positions": "replay", "soft_token_attention": "full", "num_latents": 6, "num_ahead": 2},
+    {"latent_positions": "shared", "latent_anchor": "last_token", "gate_init": 0.0},
+    {"latent_positions": "replay", "method": "pause"},
 ])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_training_loss_equals_sequential_for_every_variant(family, variant):
@@ -83,24 +99,31 @@ def test_training_loss_equals_sequential_for_every_variant(family, variant):
     assert_matches_sequential(model, input_ids, torch.tensor([[1, 8, 15], [4, 12, 16]]))
 
 
+LATENT_POSITIONS_AFTER_15 = {"after": ([15, 16, 17], 18), "shared": ([14, 14, 14], 15), "replay": ([12, 13, 14], 15)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_augment_equals_one_forward_over_prompt_and_latents(family):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_augment_equals_one_forward_over_prompt_and_latents(family, layout):
     """The augmented cache is the decoder reading [prompt, latents] as plain input embeddings."""
-    model = make_model(family, "eager")
+    model = make_model(family, "eager", latent_positions=layout)
     torch.manual_seed(4)
     prompt = torch.randint(0, VOCAB, (1, 15))
     out = model.augment(prompt)
     assert out.past_key_values.get_seq_length() == 15 + 3
+    latent_pos, next_pos = LATENT_POSITIONS_AFTER_15[layout]
+    assert out.latent_position_ids.tolist() == [latent_pos] and out.next_position_ids.tolist() == [[next_pos]]
     embeds = torch.cat([model.decoder.get_input_embeddings()(prompt), out.latents], dim=1)
     with torch.no_grad():
-        plain = model.decoder(inputs_embeds=embeds).logits[:, -1]
-    torch.testing.assert_close(out.logits, plain, rtol=RTOL, atol=1e-5)
+        plain = model.decoder(inputs_embeds=embeds, position_ids=torch.tensor([list(range(15)) + latent_pos]))
+    torch.testing.assert_close(out.logits, plain.logits[:, -1], rtol=RTOL, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_augment_left_padded_batch_equals_unbatched(family):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_augment_left_padded_batch_equals_unbatched(family, layout):
     model = make_model(family, "eager", soft_token_attention="full" if family == "qwen2" else "causal",
-                       latent_anchor="replay")
+                       latent_anchor="replay", latent_positions=layout)
     torch.manual_seed(5)
     rows = [torch.randint(0, VOCAB, (n,)) for n in (12, 7, 10)]
     length = max(len(r) for r in rows)
@@ -113,6 +136,8 @@ def test_augment_left_padded_batch_equals_unbatched(family):
         single = model.augment(row[None])
         torch.testing.assert_close(batched.logits[i], single.logits[0], rtol=RTOL, atol=1e-5)
         torch.testing.assert_close(batched.latents[i], single.latents[0], rtol=RTOL, atol=1e-5)
+        assert torch.equal(batched.next_position_ids[i], single.next_position_ids[0])
+        assert torch.equal(batched.latent_position_ids[i], single.latent_position_ids[0])
 
 
 def test_augment_rejects_right_padding():
@@ -152,8 +177,9 @@ def test_generate_without_augmentation_is_the_decoders_generate(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_augmented_generate_equals_greedy_decoding_from_the_augmented_cache(family):
-    model = make_model(family, "eager")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_augmented_generate_equals_greedy_decoding_from_the_augmented_cache(family, layout):
+    model = make_model(family, "eager", latent_positions=layout, latent_anchor="replay")
     torch.manual_seed(7)
     rows = [torch.randint(0, VOCAB, (n,)) for n in (9, 6)]
     input_ids = torch.zeros(2, 9, dtype=torch.long)
@@ -165,10 +191,13 @@ def test_augmented_generate_equals_greedy_decoding_from_the_augmented_cache(fami
     for i, row in enumerate(rows):
         out = model.augment(row[None])
         cache, logits, tokens = out.past_key_values, out.logits, []
-        for _ in range(6):
+        # the text resumes after the prompt, and after the latents only if they take positions
+        start = len(row) + (3 if layout == "after" else 0)
+        for step in range(6):
             tokens.append(int(logits.argmax(-1)))
             with torch.no_grad():
                 logits = model.decoder(torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                                       position_ids=torch.tensor([[start + step]]),
                                        attention_mask=torch.ones(1, cache.get_seq_length() + 1,
                                                                  dtype=torch.long)).logits[:, -1]
         assert generated[i, 9:].tolist() == tokens

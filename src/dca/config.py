@@ -8,9 +8,10 @@ with the trained adapter and can be measured rather than guessed:
 * ``latent_scale`` / ``latent_anchor`` / ``gate_init`` -- how latents are mapped into the decoder's
   input-embedding space, and what an untrained coprocessor writes there.
 * ``soft_token_init`` -- what the trainable soft tokens start as.
-
-Position ids are not a choice: latents sit at t+1 .. t+N and the text continues at t+N+1, exactly
-what the unchanged decoder does when it continues from an augmented cache.
+* ``latent_positions`` -- the position ids of the latents (and soft tokens), and where the text
+  after them resumes: latents at t+1 .. t+N and text at t+N+1 (``"after"``, what the unchanged
+  decoder does when it simply continues from an augmented cache), or latents that consume no
+  position (``"shared"``, ``"replay"``) and text at t+1.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ LATENT_SOURCES = ("final_norm", "pre_norm")
 LATENT_SCALES = ("none", "embed_rms", "learned", "gated")
 SOFT_TOKEN_INITS = ("vocab_sample", "vocab_mean", "normal")
 LATENT_ANCHORS = ("none", "last_token", "replay")
+LATENT_POSITIONS = ("after", "shared", "replay")  # as dca.masks.LATENT_POSITIONS
 
 
 def _meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -77,6 +79,14 @@ class CoprocessorConfig:
             ``"vocab_mean"`` starts all soft tokens at the mean embedding (plus tiny noise),
             ``"normal"`` draws them with the embedding table's standard deviation.
         init_seed: seeds the soft-token (and scratch-weight) initialisation.
+        latent_positions: position ids of the N latents after token t, used alike by the soft
+            tokens in the coprocessor and by the latents in the decoder. ``"after"``: t+1 .. t+N,
+            and the text resumes at t+N+1. ``"shared"``: all at pos(t). ``"replay"``: latent i at the
+            position of x[t-N+1+i], the token it replays under ``latent_anchor="replay"`` (so with
+            a zero gate the latents are exact copies of the last N prompt tokens, at their own
+            positions). Under "shared" and "replay" the text resumes at pos(t)+1: the latents take
+            N cache entries but no positions. Configs saved before this field existed load as
+            ``"after"``, which is what they were trained with.
     """
 
     method: str = field(default="coprocessor", metadata=_meta("coprocessor, or the pause-token baseline", METHODS))
@@ -93,6 +103,7 @@ class CoprocessorConfig:
     gate_init: float = field(default=0.1, metadata=_meta("start value of the 'gated' latent scale"))
     soft_token_init: str = field(default="vocab_mean", metadata=_meta("soft tokens at start", SOFT_TOKEN_INITS))
     init_seed: int = field(default=0, metadata=_meta("seeds soft tokens and scratch weights"))
+    latent_positions: str = field(default="after", metadata=_meta("position ids of latents", LATENT_POSITIONS))
 
     def __post_init__(self) -> None:
         _check_positive_int("num_latents", self.num_latents)
@@ -117,6 +128,11 @@ class CoprocessorConfig:
     @property
     def uses_lora(self) -> bool:
         return self.lora_rank is not None
+
+    @property
+    def positions_taken(self) -> int:
+        """Position ids the latents consume: the text after them resumes this much later."""
+        return self.num_latents if self.latent_positions == "after" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

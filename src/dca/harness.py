@@ -49,9 +49,10 @@ class DCALM(TemplateLM):
         return self._max_length
 
     @property
-    def num_latents(self) -> int:
-        """Positions the latents take before each continuation (0 without augmentation)."""
-        return self.model.coprocessor.config.num_latents if self.augment else 0
+    def latent_positions(self) -> int:
+        """Position ids the latents take before each continuation (0 without augmentation, and 0 for
+        latents that take cache entries but no positions: `CoprocessorConfig.latent_positions`)."""
+        return self.model.coprocessor.config.positions_taken if self.augment else 0
 
     @property
     def eot_token_id(self) -> int:
@@ -83,11 +84,12 @@ class DCALM(TemplateLM):
         """requests: ((context, continuation), context ids, continuation ids), from `TemplateLM.loglikelihood`."""
         pairs = []
         for _, ctx, cont in requests:
-            # decoder positions: context + latents + continuation[:-1]; the context gives way on the left
-            keep = self.max_length + 1 - self.num_latents - len(cont)
+            # decoder positions: context + latents (if they take any) + continuation[:-1]; the context gives
+            # way on the left
+            keep = self.max_length + 1 - self.latent_positions - len(cont)
             if keep < 1:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit in max_length={self.max_length} "
-                                 f"with {self.num_latents} latents")
+                                 f"with latents taking {self.latent_positions} positions")
             pairs.append((ctx[-keep:], cont))
         results = loglikelihood_ids(self.model, pairs, augment=self.augment, batch_size=self.batch_size)
         for (key, _, _), result in zip(requests, results, strict=True):
@@ -131,7 +133,7 @@ class DCALM(TemplateLM):
             temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
             do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
             sampling = {"do_sample": True, "temperature": temperature, **kwargs} if do_sample else {}
-            keep = self.max_length - max_new - self.num_latents
+            keep = self.max_length - max_new - self.latent_positions
             if keep < 1:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in max_length={self.max_length}")
             prompts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])[-keep:] for i in indices]

@@ -3,7 +3,7 @@
 Feeding the coprocessor's final hidden states to the decoder as input embeddings makes the next
 token 10^5 times less likely at step 0; a user would wait hours for training to merely undo that.
 This study measures the alternatives (`latent_scale`, `latent_anchor`, `gate_init`, soft-token
-init) by the Table 1 protocol at step 0, on held-out text, and writes a table.
+init, `latent_positions`) by the Table 1 protocol at step 0, on held-out text, and writes a table.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ from dca.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
 
+# Every variant is spelled out against this fixed base, not against CoprocessorConfig's defaults: the
+# defaults moved (to the replay anchor with a 0.1 gate) after the study was written, which silently
+# turned every row into a different mapping than its name says.
+BASE: dict = {"latent_scale": "embed_rms", "latent_anchor": "none", "gate_init": 0.0,
+              "soft_token_init": "vocab_sample", "latent_positions": "after"}
+
 VARIANTS: dict[str, dict] = {
     "hidden states as embeddings (naive)": {"latent_scale": "none"},
     "rescaled to embedding RMS": {"latent_scale": "embed_rms"},
@@ -29,6 +35,16 @@ VARIANTS: dict[str, dict] = {
     "replay + 0.3 x latents": {"latent_scale": "gated", "latent_anchor": "replay", "gate_init": 0.3},
     "replay + 0.1 x latents, mean soft tokens": {"latent_scale": "gated", "latent_anchor": "replay",
                                                  "gate_init": 0.1, "soft_token_init": "vocab_mean"},
+    "all at pos(t): replay + 0.1 x latents": {"latent_scale": "gated", "latent_anchor": "replay", "gate_init": 0.1,
+                                              "soft_token_init": "vocab_mean", "latent_positions": "shared"},
+    "replay at own positions (gate 0)": {"latent_scale": "gated", "latent_anchor": "replay", "gate_init": 0.0,
+                                         "latent_positions": "replay"},
+    "replay at own positions + 0.05 x latents": {"latent_scale": "gated", "latent_anchor": "replay",
+                                                 "gate_init": 0.05, "soft_token_init": "vocab_mean",
+                                                 "latent_positions": "replay"},
+    "replay at own positions + 0.1 x latents": {"latent_scale": "gated", "latent_anchor": "replay",
+                                                "gate_init": 0.1, "soft_token_init": "vocab_mean",
+                                                "latent_positions": "replay"},
 }
 
 
@@ -52,9 +68,9 @@ def run_init_study(args: InitStudyArgs) -> dict:
                                         args.positions, max(KS))
     results = {}
     for name, overrides in VARIANTS.items():
-        config = CoprocessorConfig(num_latents=args.num_latents, num_ahead=max(KS), **overrides)
+        config = CoprocessorConfig(num_latents=args.num_latents, num_ahead=max(KS), **{**BASE, **overrides})
         report = perplexity_by_position(AugmentedLM.from_decoder(decoder, config), seqs, positions, bootstrap=200)
-        results[name] = {"config": overrides, **report.to_dict()}
+        results[name] = {"config": {**BASE, **overrides}, **report.to_dict()}
         print(f"{name:45s} " + " ".join(f"{100 * r:+10.1f}%" for r in report.rel_change), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

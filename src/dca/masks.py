@@ -9,8 +9,18 @@ group see exactly what it would see at inference if the prompt ended at t:
 * its own earlier members (causally) -- or all its members, for bidirectional soft tokens,
 * never later original tokens, and never another group.
 
-Positions follow the inference convention: the k-th member of a group (k = 0, 1, ...) sits at
-``position(t) + 1 + k``, so latents occupy t+1 .. t+N and the text resumes at t+N+1.
+Positions follow the inference convention of `CoprocessorConfig.latent_positions`:
+
+* ``"after"``: the k-th member of a group (k = 0, 1, ...) sits at ``position(t) + 1 + k``, so
+  latents occupy t+1 .. t+N and the text resumes at t+N+1;
+* ``"shared"``: every latent sits at ``position(t)`` and the text resumes at t+1;
+* ``"replay"``: latent i (i = 0 .. N-1) sits at the position of x[t-N+1+i], the prompt token it
+  replays under ``latent_anchor="replay"`` (clamped to the first real token), and the text resumes
+  at t+1.
+
+Under "shared" and "replay" the latents take cache slots but no positions. Sliding windows are laid
+over cache slots, not position ids, because that is what the decoder's own masks do at inference
+(its window counts cache entries): a group member is always ``1 + k`` slots after token t.
 
 Masks are additive floats (0 = attend, dtype minimum = blocked): transformers' eager attention
 silently ignores a boolean 4D mask, and -inf turns fully blocked rows into NaNs.
@@ -30,11 +40,34 @@ def prefix_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
-def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[B, P * group_size] positions: member k of the group after token t sits at pos(t) + 1 + k."""
-    start = prefix_positions.gather(1, insert_at) + 1  # [B, P]
-    offsets = torch.arange(group_size, device=insert_at.device)
-    return (start[:, :, None] + offsets).flatten(1)
+LATENT_POSITIONS = ("after", "shared", "replay")
+
+
+def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, group_size: int, *,
+                       num_latents: int = 0, layout: str = "after") -> torch.Tensor:
+    """[B, P * group_size] position ids of P groups whose first `num_latents` members are latents.
+
+    With ``layout="after"`` member k of the group after token t sits at pos(t) + 1 + k (whatever it
+    is); this is also every member's cache slot relative to t. With ``"shared"`` or ``"replay"`` the
+    latents sit at pos(t), or at the positions of x[t-N+1 .. t], and the members after them at
+    pos(t) + 1, pos(t) + 2, ...
+    """
+    if layout not in LATENT_POSITIONS:
+        raise ValueError(f"latent positions must be one of {LATENT_POSITIONS}, got {layout!r}")
+    if not 0 <= num_latents <= group_size:
+        raise ValueError(f"num_latents={num_latents} must lie in [0, group_size={group_size}]")
+    device = insert_at.device
+    start = prefix_positions.gather(1, insert_at)[:, :, None]  # [B, P, 1]: pos(t)
+    offsets = torch.arange(group_size, device=device)
+    if layout == "after" or num_latents == 0:
+        return (start + 1 + offsets).flatten(1)
+    text = start + 1 + (offsets[num_latents:] - num_latents)  # [B, P, group_size - N]
+    if layout == "shared":
+        latents = start.expand(-1, -1, num_latents)
+    else:  # replay: the positions of x[t-N+1 .. t]; left padding has position 0, like the first real token
+        index = (insert_at[:, :, None] + torch.arange(1 - num_latents, 1, device=device)).clamp(min=0)
+        latents = prefix_positions.gather(1, index.flatten(1)).view_as(index)
+    return torch.cat([latents, text], dim=2).flatten(1)
 
 
 def group_attention_allowed(
@@ -68,7 +101,7 @@ def group_attention_allowed(
     to_group = same_group[None].expand(batch, q_len, q_len)
 
     if sliding_window is not None:
-        query_pos = group_position_ids(prefix_positions, insert_at, group_size)  # [B, Q]
+        query_pos = group_position_ids(prefix_positions, insert_at, group_size)  # [B, Q]: cache slots, see above
         to_prefix = to_prefix & (query_pos[:, :, None] - prefix_positions[:, None, :] < sliding_window)
         to_group = to_group & (query_member[:, None] - query_member[None, :] < sliding_window)[None]
     return torch.cat([to_prefix, to_group], dim=-1)

@@ -9,7 +9,9 @@ The three passes of training (`training_loss`), each over the whole batch at onc
    and is scored on x[t+1 .. t+A].
 
 Masks (`dca.masks`) make every group see only x[0..t] and itself, so each group computes exactly
-what `augment` followed by ordinary decoding would compute if the prompt ended at t.
+what `augment` followed by ordinary decoding would compute if the prompt ended at t. Position ids
+follow `CoprocessorConfig.latent_positions`; text after an augmented cache continues at
+`AugmentOutput.next_position_ids`, which is not the cache length unless latents sit "after" t.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class AugmentOutput:
     logits: torch.Tensor  # [B, vocab]: the decoder's next-token logits after the last latent
     latents: torch.Tensor  # [B, N, hidden]: what was written into the cache
     attention_mask: torch.Tensor  # [B, L + N]: the prompt's mask extended over the latents
+    next_position_ids: torch.Tensor  # [B, 1]: position id of the first token after the latents
+    latent_position_ids: torch.Tensor  # [B, N]: the latents' position ids
 
 
 @dataclass
@@ -150,7 +154,8 @@ class AugmentedLM(nn.Module):
 
         # 2. the coprocessor: P groups of N soft tokens over a fork of that cache
         latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, positions, n,
-                                                                      causal=config.soft_token_attention == "causal"),
+                                                                      causal=config.soft_token_attention == "causal",
+                                                                      num_latents=n),
                               anchor=self._latent_anchor(input_ids, attention_mask, positions))
 
         # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
@@ -159,7 +164,7 @@ class AugmentedLM(nn.Module):
         embeds = torch.cat([latents.view(*positions.shape, n, -1), ahead.to(latents.dtype)], dim=2).flatten(1, 2)
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
-        mask, group_pos = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True)
+        mask, group_pos = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True, num_latents=n)
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
                            past_key_values=fork_cache(cache), use_cache=True, logits_to_keep=keep)
         token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
@@ -167,13 +172,14 @@ class AugmentedLM(nn.Module):
         return TrainingLoss(loss, token_losses, target_mask, baseline)
 
     def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
-                      group_size: int, *, causal: bool):
+                      group_size: int, *, causal: bool, num_latents: int):
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype
         mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
                                     dtype, causal_within_group=causal)
-        return mask, group_position_ids(prefix_pos, positions, group_size)
+        return mask, group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
+                                        layout=self.coprocessor.config.latent_positions)
 
     def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor | None:
@@ -208,23 +214,24 @@ class AugmentedLM(nn.Module):
         batch, length = input_ids.shape
         n = coprocessor.config.num_latents
         prefix_pos = prefix_position_ids(attention_mask)
-        latent_pos = prefix_pos[:, -1:] + 1 + torch.arange(n, device=input_ids.device)
+        last = torch.full((batch, 1), length - 1, device=input_ids.device)
+        latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
+        next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
 
         cache = DynamicCache()
         self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
                      past_key_values=cache, use_cache=True, logits_to_keep=1)
-        last = torch.full((batch, 1), length - 1, device=input_ids.device)
         anchor = self._latent_anchor(input_ids, attention_mask, last)
         if coprocessor.config.soft_token_attention == "causal":
             # the model's own causal mask: an independent check on dca.masks in the tests
             latents = coprocessor(fork_cache(cache), extended_mask, latent_pos, anchor=anchor)
         else:
             latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, last, n,
-                                                                          causal=False), anchor=anchor)
+                                                                          causal=False, num_latents=n), anchor=anchor)
         out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask)
+        return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask, next_pos, latent_pos)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -245,8 +252,10 @@ class AugmentedLM(nn.Module):
         n = out.latents.shape[1]
         embeds = torch.cat([self._embed(input_ids), out.latents], dim=1)
         placeholder_ids = torch.cat([input_ids, input_ids[:, -1:].expand(-1, n)], dim=1)
+        # explicit position ids (generate continues them from the last one): latents may consume none
+        position_ids = torch.cat([prefix_position_ids(attention_mask), out.latent_position_ids], dim=1)
         sequences = self.decoder.generate(input_ids=placeholder_ids, inputs_embeds=embeds,
-                                          attention_mask=out.attention_mask,
+                                          attention_mask=out.attention_mask, position_ids=position_ids,
                                           past_key_values=out.past_key_values, **generate_kwargs)
         return torch.cat([input_ids, sequences[:, placeholder_ids.shape[1]:]], dim=1)
 

@@ -2,7 +2,8 @@
 
 For one row and one insertion point t: augment the prompt x[0..t] once, score x[t+1] with the
 logits after the last latent, then let the plain decoder continue over x[t+1 .. t+A-1] from the
-augmented cache and score x[t+2 .. t+A]. This is what inference does; it is also what a naive
+augmented cache (its text positions resuming where `augment` says) and score x[t+2 .. t+A]. This is
+what inference does; it is also what a naive
 implementation trains with (one such computation per position), which `dca bench` measures.
 """
 
@@ -27,9 +28,10 @@ def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int)
     out = model.augment_with_grad(prompt)
     losses = [F.cross_entropy(out.logits.float(), targets[:1])]
     if len(targets) > 1:
+        steps = torch.arange(len(targets) - 1, device=input_ids.device)
         cont = model.decoder(input_ids=input_ids[:, t + 1 : t + len(targets)], attention_mask=torch.ones(
             1, out.attention_mask.shape[1] + len(targets) - 1, dtype=torch.long, device=input_ids.device),
-            past_key_values=out.past_key_values, use_cache=True)
+            position_ids=out.next_position_ids + steps, past_key_values=out.past_key_values, use_cache=True)
         losses.append(F.cross_entropy(cont.logits[0].float(), targets[1:], reduction="none"))
     return torch.cat([loss.reshape(-1) for loss in losses])
 

@@ -62,20 +62,22 @@ def _left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torc
 
 @torch.no_grad()
 def _run_contexts(model: AugmentedLM, contexts: Sequence[Sequence[int]], augment: bool):
-    """Cache, next-token logits [B, V] and cache mask [B, L(+N)] after each context (left-padded)."""
+    """Cache, next-token logits [B, V], cache mask [B, L(+N)] and the next position id [B, 1] after each
+    context (left-padded)."""
     ids, mask = _left_pad(contexts, model.device)
     if augment:
         out = model.augment(ids, mask)
-        return out.past_key_values, out.logits, out.attention_mask
+        return out.past_key_values, out.logits, out.attention_mask, out.next_position_ids
     cache = DynamicCache()  # full-length layers, like `augment` builds: rows can be indexed freely
     out = model.decoder(input_ids=ids, attention_mask=mask, position_ids=prefix_position_ids(mask),
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1], mask
+    return cache, out.logits[:, -1], mask, mask.sum(1, keepdim=True)
 
 
 @torch.no_grad()
 def _score_continuations(model: AugmentedLM, cache: DynamicCache, first_logits: torch.Tensor, past_mask: torch.Tensor,
-                         rows: torch.Tensor, continuations: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
+                         next_pos: torch.Tensor, rows: torch.Tensor,
+                         continuations: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
     """Sum of log-probabilities (and whether each token is the argmax) of continuations after cache rows."""
     device = model.device
     width = max(len(c) for c in continuations)
@@ -89,8 +91,9 @@ def _score_continuations(model: AugmentedLM, cache: DynamicCache, first_logits: 
         forked = fork_cache(cache)
         forked.reorder_cache(rows)  # new tensors per row: this copy is extended, never `cache` itself
         past_mask = past_mask[rows]
-        # real continuation tokens follow the context (and latents) directly; padding trails them
-        position_ids = past_mask.sum(1, keepdim=True) + torch.arange(width - 1, device=device)
+        # real continuation tokens follow the context directly (after latents that may take no position);
+        # padding trails them
+        position_ids = next_pos[rows] + torch.arange(width - 1, device=device)
         out = model.decoder(input_ids=targets[:, :-1], attention_mask=torch.cat([past_mask, valid[:, :-1].long()], 1),
                             position_ids=position_ids, past_key_values=forked, use_cache=True)
         logits = torch.cat([logits, out.logits], dim=1)
@@ -122,12 +125,13 @@ def loglikelihood_ids(model: AugmentedLM, requests: Sequence[Pair], *, augment: 
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     for start in range(0, len(keys), batch_size):
         chunk = keys[start: start + batch_size]
-        cache, first_logits, mask = _run_contexts(model, chunk, augment)
+        cache, first_logits, mask, next_pos = _run_contexts(model, chunk, augment)
         jobs = [(row, i) for row, key in enumerate(chunk) for i in by_context[key]]
         for j in range(0, len(jobs), batch_size):
             part = jobs[j: j + batch_size]
             rows = torch.tensor([row for row, _ in part], device=model.device)
-            scores = _score_continuations(model, cache, first_logits, mask, rows, [requests[i][1] for _, i in part])
+            scores = _score_continuations(model, cache, first_logits, mask, next_pos, rows,
+                                          [requests[i][1] for _, i in part])
             for (_, i), score in zip(part, scores, strict=True):
                 results[i] = score
     return results
