@@ -11,7 +11,8 @@ from dca.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 
 
 def trained(family="llama", **config):
-    model = AugmentedLM.from_decoder(tiny_decoder(family), CoprocessorConfig(num_latents=2, num_ahead=3, **config))
+    model = AugmentedLM.from_decoder(tiny_decoder(family), CoprocessorConfig(
+        **{"num_latents": 2, "num_ahead": 3, "gate_init": 0.5, **config}))
     with torch.no_grad():  # move every trainable weight away from its initial value
         for param in model.parameters():
             if param.requires_grad:

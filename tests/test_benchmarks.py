@@ -214,7 +214,8 @@ def make_model(family="llama", coprocessor=True, words=False, **config):
         decoder.resize_token_embeddings(len(WORDS))
     if not coprocessor:
         return AugmentedLM(decoder)
-    return AugmentedLM.from_decoder(decoder, CoprocessorConfig(**{"num_latents": 2, "num_ahead": 2, **config})).eval()
+    config = {"num_latents": 2, "num_ahead": 2, "gate_init": 0.5, **config}  # a live gate: latents matter
+    return AugmentedLM.from_decoder(decoder, CoprocessorConfig(**config)).eval()
 
 
 @torch.no_grad()

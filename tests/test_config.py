@@ -44,3 +44,11 @@ def test_configs_saved_before_latent_positions_existed_load_as_after():
     assert config.latent_positions == "after" and config.positions_taken == 4
     assert CoprocessorConfig(num_latents=4, latent_positions="replay").positions_taken == 0
     assert CoprocessorConfig(num_latents=4, latent_positions="shared").positions_taken == 0
+
+
+def test_latent_positions_default_follows_the_anchor_and_the_method():
+    assert CoprocessorConfig().latent_positions == "replay" and CoprocessorConfig().gate_init == 0.0
+    assert CoprocessorConfig(latent_anchor="none").latent_positions == "after"
+    assert CoprocessorConfig(method="pause").latent_positions == "after"  # between prompt and answer
+    assert CoprocessorConfig(latent_anchor="none", latent_positions="replay").latent_positions == "replay"
+    assert CoprocessorConfig.from_dict(CoprocessorConfig().to_dict()) == CoprocessorConfig()

@@ -59,7 +59,7 @@ def test_loglikelihood_is_greedy():
 
 
 def test_loglikelihood_truncates_long_contexts_on_the_left():
-    model, tok = make_model(words=True), word_tokenizer()
+    model, tok = make_model(words=True, latent_positions="after"), word_tokenizer()
     lm = DCALM(model, tok, max_length=6)  # 6 positions: 3 context tokens + 2 latents + 2 continuation - 1
     (ll, _), = lm.loglikelihood(instances("loglikelihood", [("the big red cat sees a", " small dog")]))
     assert ll == pytest.approx(hand_loglikelihood(model, tok("cat sees a").input_ids, tok("small dog").input_ids,

@@ -13,7 +13,8 @@ LAYOUTS = ("after", "shared", "replay")  # CoprocessorConfig.latent_positions
 
 
 def make_model(family="llama", impl="sdpa", **config):
-    config = {"num_latents": 3, "num_ahead": 4, **config}
+    # gate 0.5, not the default 0: the coprocessor's output must reach the decoder in these tests
+    config = {"num_latents": 3, "num_ahead": 4, "gate_init": 0.5, **config}
     return AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(**config)).eval()
 
 
@@ -289,3 +290,33 @@ def test_gradient_checkpointing_is_refused_not_silently_wrong():
     model.decoder.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="checkpointing: it silently drops the cache"):
         model.training_loss(torch.zeros(1, 8, dtype=torch.long), torch.tensor([[2]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_default_untrained_coprocessor_replays_the_last_tokens_at_their_own_positions(family):
+    """Defaults (replay anchor and positions, gate 0): the latents are exactly x[t-N+1 .. t], re-read in place."""
+    model = AugmentedLM.from_decoder(tiny_decoder(family), CoprocessorConfig(num_latents=3, num_ahead=2)).eval()
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        out = model.augment(input_ids)
+        embeds = model.decoder.get_input_embeddings()(input_ids[:, -3:])
+    torch.testing.assert_close(out.latents, embeds, rtol=0, atol=0)
+    assert out.latent_position_ids.tolist() == [[6, 7, 8]] * 2 and out.next_position_ids.tolist() == [[9]] * 2
+
+
+def test_a_zero_gate_trains_the_gate_first_then_everything():
+    model = make_model("llama", gate_init=0.0, lora_rank=2).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    input_ids, positions = torch.randint(0, VOCAB, (2, 16)), torch.tensor([[4, 9], [5, 12]])
+
+    def nonzero_grads():
+        optimizer.zero_grad()
+        model.training_loss(input_ids, positions).loss.backward()
+        return {n for n, p in model.coprocessor.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    assert nonzero_grads() == {"latent_gain"}  # the body's output is multiplied by 0: only the gate learns
+    optimizer.step()
+    trainable = {n for n, p in model.coprocessor.named_parameters() if p.requires_grad}
+    lora_b = {n for n in trainable if "lora_B" in n}
+    # once the gate is off zero, gradient reaches the soft tokens and the body (LoRA's A follows once B moves)
+    assert lora_b and {"soft_tokens", "latent_gain"} | lora_b <= nonzero_grads()

@@ -20,7 +20,8 @@ def assets(tmp_path_factory):
 
 def args_for(assets, out, **overrides):
     model, corpus = assets
-    copro = CoprocessorConfig(**{"num_latents": 2, "num_ahead": 3, **overrides.pop("coprocessor", {})})
+    copro = CoprocessorConfig(**{"num_latents": 2, "num_ahead": 3, "gate_init": 0.5,
+                             **overrides.pop("coprocessor", {})})
     base = dict(model=model, data=corpus, out=str(out), coprocessor=copro, positions=4, seq_len=24,
                 batch_size=4, steps=6, lr=3e-3, warmup_steps=1, eval_every=3, save_every=2, eval_sequences=4,
                 held_out_fraction=0.1, progress=False, device="cpu")

@@ -85,8 +85,11 @@ class CoprocessorConfig:
             position of x[t-N+1+i], the token it replays under ``latent_anchor="replay"`` (so with
             a zero gate the latents are exact copies of the last N prompt tokens, at their own
             positions). Under "shared" and "replay" the text resumes at pos(t)+1: the latents take
-            N cache entries but no positions. Configs saved before this field existed load as
-            ``"after"``, which is what they were trained with.
+            N cache entries but no positions. Unset, it is ``"replay"`` for a coprocessor with the
+            replay anchor (with ``gate_init=0`` an untrained coprocessor then changes the decoder's
+            next-token perplexity by less than 5 %; README, "Start without doing harm") and
+            ``"after"`` otherwise -- pause tokens sit between prompt and answer, as in the paper.
+            Configs saved before this field existed load as ``"after"``, what they were trained with.
     """
 
     method: str = field(default="coprocessor", metadata=_meta("coprocessor, or the pause-token baseline", METHODS))
@@ -100,12 +103,16 @@ class CoprocessorConfig:
     latent_source: str = field(default="final_norm", metadata=_meta("where latents are read", LATENT_SOURCES))
     latent_scale: str = field(default="gated", metadata=_meta("latents -> embedding space", LATENT_SCALES))
     latent_anchor: str = field(default="replay", metadata=_meta("what latents are added to", LATENT_ANCHORS))
-    gate_init: float = field(default=0.1, metadata=_meta("start value of the 'gated' latent scale"))
+    gate_init: float = field(default=0.0, metadata=_meta("start value of the 'gated' latent scale"))
     soft_token_init: str = field(default="vocab_mean", metadata=_meta("soft tokens at start", SOFT_TOKEN_INITS))
     init_seed: int = field(default=0, metadata=_meta("seeds soft tokens and scratch weights"))
-    latent_positions: str = field(default="after", metadata=_meta("position ids of latents", LATENT_POSITIONS))
+    latent_positions: str | None = field(default=None, metadata=_meta(
+        "position ids of latents (default: replay with the replay anchor, else after)", LATENT_POSITIONS))
 
     def __post_init__(self) -> None:
+        if self.latent_positions is None:
+            replaying = self.method == "coprocessor" and self.latent_anchor == "replay"
+            self.latent_positions = "replay" if replaying else "after"
         _check_positive_int("num_latents", self.num_latents)
         _check_positive_int("num_ahead", self.num_ahead)
         for f in dataclasses.fields(self):
@@ -143,7 +150,8 @@ class CoprocessorConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"CoprocessorConfig: unknown fields {unknown} (known: {sorted(known)})")
-        return cls(**data)
+        # saved before latent_positions existed: trained with latents at t+1 .. t+N
+        return cls(**{"latent_positions": "after", **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
