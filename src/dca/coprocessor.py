@@ -114,8 +114,7 @@ class Coprocessor(nn.Module):
         extended in place: pass a fork.
         """
         batch, q_len = position_ids.shape
-        groups = q_len // self.config.num_latents
-        soft = self.soft_tokens.repeat(groups, 1)[None].expand(batch, -1, -1)
+        soft = self.pause_tokens(batch, q_len // self.config.num_latents)
         if self.body is None:  # pause tokens: input-independent, written as they are
             return soft
         captured: list[torch.Tensor] = []
@@ -131,6 +130,10 @@ class Coprocessor(nn.Module):
         hidden = captured[-1] if captured else out.last_hidden_state
         latents = self.to_embedding_space(hidden)
         return latents if anchor is None else latents + anchor.to(latents.dtype)
+
+    def pause_tokens(self, batch: int, groups: int) -> torch.Tensor:
+        """[batch, groups * N, hidden]: the soft tokens of every group, as they are."""
+        return self.soft_tokens.repeat(groups, 1)[None].expand(batch, -1, -1)
 
     def to_embedding_space(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.latent_scale == "none":

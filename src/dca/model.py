@@ -152,11 +152,14 @@ class AugmentedLM(nn.Module):
         if with_baseline:
             baseline = _token_losses(prefix_out.logits.view(*targets.shape, -1), targets, target_mask)
 
-        # 2. the coprocessor: P groups of N soft tokens over a fork of that cache
-        latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, positions, n,
-                                                                      causal=config.soft_token_attention == "causal",
-                                                                      num_latents=n),
-                              anchor=self._latent_anchor(input_ids, attention_mask, positions))
+        # 2. the coprocessor: P groups of N soft tokens over a fork of that cache (pause tokens read nothing)
+        if coprocessor.body is None:
+            latents = coprocessor.pause_tokens(input_ids.shape[0], positions.shape[1])
+        else:
+            soft_mask, soft_pos = self._group_inputs(attention_mask, prefix_pos, positions, n, num_latents=n,
+                                                     causal=config.soft_token_attention == "causal")
+            latents = coprocessor(fork_cache(cache), soft_mask, soft_pos,
+                                  anchor=self._latent_anchor(input_ids, attention_mask, positions))
 
         # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
         group = n + a - 1
