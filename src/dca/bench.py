@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dca.config import CoprocessorConfig
+from dca.config import CoprocessorConfig, help_meta
 from dca.model import AugmentedLM
 from dca.reference import sequential_group_losses
 
@@ -62,11 +62,11 @@ SIZES = {
 class BenchArgs:
     """Arguments of `dca bench`."""
 
-    sizes: list[str] = field(default_factory=lambda: ["xs", "s"], metadata={"help": f"from {list(SIZES)}"})
-    repeats: int = field(default=3, metadata={"help": "timed steps per method (after one warm-up)"})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda"})
-    out: str = field(default="runs/bench.json", metadata={"help": "where to write the JSON results"})
-    memory: bool = field(default=True, metadata={"help": "also measure peak memory (one child process per method)"})
+    sizes: list[str] = field(default_factory=lambda: ["xs", "s"], metadata=help_meta(f"from {list(SIZES)}"))
+    repeats: int = field(default=3, metadata=help_meta("timed steps per method (after one warm-up)"))
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=help_meta("cpu or cuda"))
+    out: str = field(default="runs/bench.json", metadata=help_meta("where to write the JSON results"))
+    memory: bool = field(default=True, metadata=help_meta("also measure peak memory (one child process per method)"))
 
 
 def _setup(size: BenchSize, device: str, seed: int = 0):

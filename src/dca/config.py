@@ -31,7 +31,8 @@ LATENT_ANCHORS = ("none", "last_token", "replay")
 LATENT_POSITIONS = ("after", "shared", "replay")  # as dca.masks.LATENT_POSITIONS
 
 
-def _meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+def help_meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Dataclass field metadata that `dca.cli` turns into an argument's help (and choices)."""
     return {"help": help_text, "choices": choices} if choices else {"help": help_text}
 
 
@@ -92,21 +93,21 @@ class CoprocessorConfig:
             Configs saved before this field existed load as ``"after"``, what they were trained with.
     """
 
-    method: str = field(default="coprocessor", metadata=_meta("coprocessor, or the pause-token baseline", METHODS))
-    num_latents: int = field(default=16, metadata=_meta("N, latents per augmentation"))
-    num_ahead: int = field(default=16, metadata=_meta("A, ahead tokens scored after each augmentation"))
-    init: str = field(default="decoder", metadata=_meta("coprocessor weights at start", INITS))
-    lora_rank: int | None = field(default=None, metadata=_meta("LoRA rank (unset: train the full coprocessor)"))
-    lora_alpha: float | None = field(default=None, metadata=_meta("LoRA alpha (default 2 x rank)"))
-    lora_target_modules: str | list[str] = field(default="all-linear", metadata=_meta("peft target_modules"))
-    soft_token_attention: str = field(default="causal", metadata=_meta("among soft tokens", SOFT_TOKEN_ATTENTION))
-    latent_source: str = field(default="final_norm", metadata=_meta("where latents are read", LATENT_SOURCES))
-    latent_scale: str = field(default="gated", metadata=_meta("latents -> embedding space", LATENT_SCALES))
-    latent_anchor: str = field(default="replay", metadata=_meta("what latents are added to", LATENT_ANCHORS))
-    gate_init: float = field(default=0.0, metadata=_meta("start value of the 'gated' latent scale"))
-    soft_token_init: str = field(default="vocab_mean", metadata=_meta("soft tokens at start", SOFT_TOKEN_INITS))
-    init_seed: int = field(default=0, metadata=_meta("seeds soft tokens and scratch weights"))
-    latent_positions: str | None = field(default=None, metadata=_meta(
+    method: str = field(default="coprocessor", metadata=help_meta("coprocessor, or the pause-token baseline", METHODS))
+    num_latents: int = field(default=16, metadata=help_meta("N, latents per augmentation"))
+    num_ahead: int = field(default=16, metadata=help_meta("A, ahead tokens scored after each augmentation"))
+    init: str = field(default="decoder", metadata=help_meta("coprocessor weights at start", INITS))
+    lora_rank: int | None = field(default=None, metadata=help_meta("LoRA rank (unset: train the full coprocessor)"))
+    lora_alpha: float | None = field(default=None, metadata=help_meta("LoRA alpha (default 2 x rank)"))
+    lora_target_modules: str | list[str] = field(default="all-linear", metadata=help_meta("peft target_modules"))
+    soft_token_attention: str = field(default="causal", metadata=help_meta("among soft tokens", SOFT_TOKEN_ATTENTION))
+    latent_source: str = field(default="final_norm", metadata=help_meta("where latents are read", LATENT_SOURCES))
+    latent_scale: str = field(default="gated", metadata=help_meta("latents -> embedding space", LATENT_SCALES))
+    latent_anchor: str = field(default="replay", metadata=help_meta("what latents are added to", LATENT_ANCHORS))
+    gate_init: float = field(default=0.0, metadata=help_meta("start value of the 'gated' latent scale"))
+    soft_token_init: str = field(default="vocab_mean", metadata=help_meta("soft tokens at start", SOFT_TOKEN_INITS))
+    init_seed: int = field(default=0, metadata=help_meta("seeds soft tokens and scratch weights"))
+    latent_positions: str | None = field(default=None, metadata=help_meta(
         "position ids of latents (default: replay with the replay anchor, else after)", LATENT_POSITIONS))
 
     def __post_init__(self) -> None:

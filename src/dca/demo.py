@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dca.config import CoprocessorConfig
+from dca.config import CoprocessorConfig, help_meta
 from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
@@ -30,14 +30,14 @@ PROMPT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was desi
 class DemoArgs:
     """Arguments of `dca demo`."""
 
-    coprocessor: str = field(default=str(SHIPPED), metadata={"help": "a saved coprocessor for the model"})
-    model: str = field(default="smollm2-135m", metadata={"help": "the frozen decoder it was trained for"})
-    data: str = field(default="wiki", metadata={"help": "corpus whose held-out split is evaluated"})
-    sequences: int = field(default=64, metadata={"help": "held-out sequences to evaluate"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per held-out sequence (the training length)"})
-    positions: int = field(default=8, metadata={"help": "augmentation points per sequence"})
-    train_steps: int = field(default=12, metadata={"help": "steps of the short live training run (0: skip)"})
-    out: str = field(default="reports/demo", metadata={"help": "report folder"})
+    coprocessor: str = field(default=str(SHIPPED), metadata=help_meta("a saved coprocessor for the model"))
+    model: str = field(default="smollm2-135m", metadata=help_meta("the frozen decoder it was trained for"))
+    data: str = field(default="wiki", metadata=help_meta("corpus whose held-out split is evaluated"))
+    sequences: int = field(default=64, metadata=help_meta("held-out sequences to evaluate"))
+    seq_len: int = field(default=128, metadata=help_meta("tokens per held-out sequence (the training length)"))
+    positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
+    train_steps: int = field(default=12, metadata=help_meta("steps of the short live training run (0: skip)"))
+    out: str = field(default="reports/demo", metadata=help_meta("report folder"))
 
 
 def resolve_coprocessor(path: str) -> Path:

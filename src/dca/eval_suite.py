@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from dca.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
+from dca.config import help_meta
 from dca.demo import SHIPPED, plot_positions, resolve_coprocessor
 from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
@@ -36,21 +37,21 @@ class EvalArgs:
     """Arguments of `dca eval`."""
 
     coprocessors: list[str] = field(default_factory=lambda: [str(SHIPPED)],
-                                    metadata={"help": "saved coprocessors (folders) to evaluate"})
-    model: str = field(default="smollm2-135m", metadata={"help": "the frozen decoder they were trained for"})
-    data: str = field(default="wiki", metadata={"help": "corpus whose held-out split is scored (Table 1)"})
-    held_out_fraction: float = field(default=0.05, metadata={"help": "must match training's"})
-    sequences: int = field(default=32, metadata={"help": "held-out sequences (0 skips Table 1)"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per held-out sequence"})
-    positions: int = field(default=8, metadata={"help": "augmentation points per sequence"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the intervals"})
-    benchmarks: list[str] = field(default_factory=list, metadata={"help": "benchmark names (see dca.benchmarks)"})
-    limit: int | None = field(default=100, metadata={"help": "items per benchmark (a seeded subset)"})
-    seed: int = field(default=0, metadata={"help": "seed of the benchmark subsets"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
-    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per answer (GSM8K)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    out: str = field(default="results/eval", metadata={"help": "report folder"})
+                                    metadata=help_meta("saved coprocessors (folders) to evaluate"))
+    model: str = field(default="smollm2-135m", metadata=help_meta("the frozen decoder they were trained for"))
+    data: str = field(default="wiki", metadata=help_meta("corpus whose held-out split is scored (Table 1)"))
+    held_out_fraction: float = field(default=0.05, metadata=help_meta("must match training's"))
+    sequences: int = field(default=32, metadata=help_meta("held-out sequences (0 skips Table 1)"))
+    seq_len: int = field(default=256, metadata=help_meta("tokens per held-out sequence"))
+    positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
+    bootstrap: int = field(default=1000, metadata=help_meta("bootstrap resamples for the intervals"))
+    benchmarks: list[str] = field(default_factory=list, metadata=help_meta("benchmark names (see dca.benchmarks)"))
+    limit: int | None = field(default=100, metadata=help_meta("items per benchmark (a seeded subset)"))
+    seed: int = field(default=0, metadata=help_meta("seed of the benchmark subsets"))
+    batch_size: int = field(default=4, metadata=help_meta("sequences per forward pass"))
+    max_new_tokens: int = field(default=256, metadata=help_meta("generation budget per answer (GSM8K)"))
+    device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
+    out: str = field(default="results/eval", metadata=help_meta("report folder"))
 
 
 def _label(path: str) -> str:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dca.config import CoprocessorConfig
+from dca.config import CoprocessorConfig, help_meta
 from dca.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
@@ -52,14 +52,14 @@ VARIANTS: dict[str, dict] = {
 class InitStudyArgs:
     """Arguments of `dca init-study`."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "builtin name, local folder or hub name"})
-    data: str = field(default="wiki", metadata={"help": "corpus; its held-out split is used"})
-    num_latents: int = field(default=16, metadata={"help": "N"})
-    sequences: int = field(default=8, metadata={"help": "held-out sequences"})
-    seq_len: int = field(default=192, metadata={"help": "tokens per sequence"})
-    positions: int = field(default=6, metadata={"help": "augmentation points per sequence"})
-    held_out_fraction: float = field(default=0.05, metadata={"help": "as in dca train"})
-    out: str = field(default="results/init-study", metadata={"help": "folder for JSON and markdown"})
+    model: str = field(default="smollm2-135m", metadata=help_meta("builtin name, local folder or hub name"))
+    data: str = field(default="wiki", metadata=help_meta("corpus; its held-out split is used"))
+    num_latents: int = field(default=16, metadata=help_meta("N"))
+    sequences: int = field(default=8, metadata=help_meta("held-out sequences"))
+    seq_len: int = field(default=192, metadata=help_meta("tokens per sequence"))
+    positions: int = field(default=6, metadata=help_meta("augmentation points per sequence"))
+    held_out_fraction: float = field(default=0.05, metadata=help_meta("as in dca train"))
+    out: str = field(default="results/init-study", metadata=help_meta("folder for JSON and markdown"))
 
 
 def run_init_study(args: InitStudyArgs) -> dict:

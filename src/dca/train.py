@@ -28,46 +28,42 @@ import torch
 from tqdm.auto import tqdm
 
 from dca.adapter import load_adapter
-from dca.config import CoprocessorConfig
+from dca.config import CoprocessorConfig, help_meta
 from dca.data import BatchSchedule, sample_positions, split_texts, tokenize_and_pack
 from dca.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
 from dca.resources import load_model, load_texts
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class TrainArgs:
     """Arguments of `dca train` (and of `dca.train.train`)."""
 
-    model: str = field(default="smollm2-135m", metadata=_help("builtin name, local folder or hub name"))
-    data: str = field(default="wiki", metadata=_help("builtin corpus, local .txt/.jsonl file or folder, or a "
+    model: str = field(default="smollm2-135m", metadata=help_meta("builtin name, local folder or hub name"))
+    data: str = field(default="wiki", metadata=help_meta("builtin corpus, local .txt/.jsonl file or folder, or a "
                                                      "datasets name"))
-    out: str = field(default="runs/train", metadata=_help("run folder (resumed if it holds a checkpoint)"))
+    out: str = field(default="runs/train", metadata=help_meta("run folder (resumed if it holds a checkpoint)"))
     coprocessor: CoprocessorConfig = field(default_factory=CoprocessorConfig)
-    positions: int = field(default=16, metadata=_help("P, insertion points sampled per sequence"))
-    seq_len: int = field(default=256, metadata=_help("tokens per packed training sequence"))
-    batch_size: int = field(default=4, metadata=_help("sequences per micro-batch"))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
-    steps: int = field(default=200, metadata=_help("optimiser steps"))
-    lr: float = field(default=1e-4, metadata=_help("peak learning rate"))
-    warmup_steps: int = field(default=20, metadata=_help("linear warm-up steps"))
-    min_lr_ratio: float = field(default=0.1, metadata=_help("final learning rate as a fraction of the peak"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
-    held_out_fraction: float = field(default=0.05, metadata=_help("documents kept out of training"))
-    max_docs: int | None = field(default=None, metadata=_help("use only the first documents of the corpus"))
-    eval_every: int = field(default=50, metadata=_help("held-out evaluation every this many steps"))
-    eval_sequences: int = field(default=64, metadata=_help("held-out sequences per evaluation (16 proved too few "
+    positions: int = field(default=16, metadata=help_meta("P, insertion points sampled per sequence"))
+    seq_len: int = field(default=256, metadata=help_meta("tokens per packed training sequence"))
+    batch_size: int = field(default=4, metadata=help_meta("sequences per micro-batch"))
+    grad_accum: int = field(default=1, metadata=help_meta("micro-batches per optimiser step"))
+    steps: int = field(default=200, metadata=help_meta("optimiser steps"))
+    lr: float = field(default=1e-4, metadata=help_meta("peak learning rate"))
+    warmup_steps: int = field(default=20, metadata=help_meta("linear warm-up steps"))
+    min_lr_ratio: float = field(default=0.1, metadata=help_meta("final learning rate as a fraction of the peak"))
+    weight_decay: float = field(default=0.0, metadata=help_meta("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=help_meta("gradient clipping norm"))
+    held_out_fraction: float = field(default=0.05, metadata=help_meta("documents kept out of training"))
+    max_docs: int | None = field(default=None, metadata=help_meta("use only the first documents of the corpus"))
+    eval_every: int = field(default=50, metadata=help_meta("held-out evaluation every this many steps"))
+    eval_sequences: int = field(default=64, metadata=help_meta("held-out sequences per evaluation (16 proved too few "
                                                                  "to trust)"))
-    save_every: int = field(default=50, metadata=_help("checkpoint every this many steps"))
-    seed: int = field(default=0, metadata=_help("seed for data order, positions and initialisation"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
-    bf16: bool | None = field(default=None, metadata=_help("bf16 autocast (default: where the device supports it)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    save_every: int = field(default=50, metadata=help_meta("checkpoint every this many steps"))
+    seed: int = field(default=0, metadata=help_meta("seed for data order, positions and initialisation"))
+    device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
+    bf16: bool | None = field(default=None, metadata=help_meta("bf16 autocast (default: where the device supports it)"))
+    progress: bool = field(default=True, metadata=help_meta("show a progress bar"))
 
     def __post_init__(self) -> None:
         for name in ("positions", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every",
