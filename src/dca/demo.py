@@ -104,8 +104,8 @@ def run_demo(args: DemoArgs) -> dict:
     if args.train_steps > 0:
         print(f"[2/3] a live {args.train_steps}-step training run (LoRA coprocessor, 8 latents)", flush=True)
         live_args = TrainArgs(model=args.model, data=args.data, out=str(out / "live-run"),
-                              coprocessor=CoprocessorConfig(**{**config.to_dict(), "num_latents": 8,
-                                                               "num_ahead": 8, "lora_rank": 8, "init": "decoder"}),
+                              # today's default mapping, whatever the evaluated coprocessor was trained with
+                              coprocessor=CoprocessorConfig(num_latents=8, num_ahead=8, lora_rank=8),
                               positions=4, seq_len=128, batch_size=2, steps=args.train_steps,
                               warmup_steps=2, lr=1e-3, eval_every=args.train_steps, eval_sequences=4,
                               save_every=args.train_steps, max_docs=3000)
