@@ -59,7 +59,14 @@ class InitStudyArgs:
     seq_len: int = field(default=192, metadata=help_meta("tokens per sequence"))
     positions: int = field(default=6, metadata=help_meta("augmentation points per sequence"))
     held_out_fraction: float = field(default=0.05, metadata=help_meta("as in dca train"))
+    variants: list[str] = field(default_factory=list, metadata=help_meta("names of the mappings to measure "
+                                                                           "(default: all of VARIANTS)"))
     out: str = field(default="results/init-study", metadata=help_meta("folder for JSON and markdown"))
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
 
 def run_init_study(args: InitStudyArgs) -> dict:
@@ -68,6 +75,8 @@ def run_init_study(args: InitStudyArgs) -> dict:
                                         args.positions, max(KS))
     results = {}
     for name, overrides in VARIANTS.items():
+        if args.variants and name not in args.variants:
+            continue
         config = CoprocessorConfig(num_latents=args.num_latents, num_ahead=max(KS), **{**BASE, **overrides})
         report = perplexity_by_position(AugmentedLM.from_decoder(decoder, config), seqs, positions, bootstrap=200)
         results[name] = {"config": {**BASE, **overrides}, **report.to_dict()}

@@ -1,0 +1,28 @@
+"""`dca init-study` on tiny local assets: the chosen mappings, measured and written."""
+
+import json
+
+import pytest
+from tiny_models import toy_model_and_corpus
+
+from dca.init_study import VARIANTS, InitStudyArgs, run_init_study
+
+
+def test_measures_the_chosen_variants_and_writes_them(tmp_path):
+    model_dir, corpus = toy_model_and_corpus(tmp_path)
+    chosen = ["replay last N tokens (gate 0)", "replay at own positions (gate 0)"]
+    args = InitStudyArgs(model=model_dir, data=corpus, num_latents=2, sequences=2, seq_len=48, positions=2,
+                         held_out_fraction=0.3, variants=chosen, out=str(tmp_path / "study"))
+    results = run_init_study(args)
+    assert list(results) == chosen
+    for name in chosen:
+        assert results[name]["config"]["latent_positions"] == VARIANTS[name].get("latent_positions", "after")
+        assert len(results[name]["rel_change"]) == 6
+    saved = json.loads((tmp_path / "study" / "init_study.json").read_text())
+    assert list(saved["results"]) == chosen
+    assert (tmp_path / "study" / "init_study.md").read_text().count("\n") == 2 + len(chosen)
+
+
+def test_unknown_variant_names_are_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="known:"):
+        InitStudyArgs(variants=["no such mapping"])
