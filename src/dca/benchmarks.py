@@ -324,10 +324,11 @@ def _argmax(values: Sequence[float]) -> int:
 
 def score_multiple_choice(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase,
                           items: Sequence[MultipleChoiceItem], *, augment: bool,
-                          batch_size: int = 8) -> MultipleChoiceResult:
+                          batch_size: int = 8, progress: str | None = None) -> MultipleChoiceResult:
     """Log-likelihood of every choice; with `augment`, latents are written once after each context."""
     pairs = [encode_pair(tokenizer, c, t) for item in items for c, t in item.requests()]
-    flat = [ll for ll, _ in loglikelihood_ids(model, pairs, augment=augment, batch_size=batch_size)]
+    flat = [ll for ll, _ in loglikelihood_ids(model, pairs, augment=augment, batch_size=batch_size,
+                                              progress=progress)]
     lls, preds, norms, start = [], [], [], 0
     for item in items:
         row = flat[start: start + len(item.choices)]
@@ -353,10 +354,11 @@ def score_generation(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, ite
                      augment: bool, max_new_tokens: int = 256, batch_size: int = 8,
                      stop: Sequence[str] = GSM8K_STOP,
                      extract: Callable[[str], str | None] = extract_gsm8k_answer,
-                     is_correct: Callable[[str | None, str], bool] = gsm8k_correct) -> GenerationResult:
+                     is_correct: Callable[[str | None, str], bool] = gsm8k_correct,
+                     progress: str | None = None) -> GenerationResult:
     """Greedy generation from each prompt (augmented once at its end with `augment`), then exact match."""
     prompts = [tokenizer(item.prompt).input_ids for item in items]
     texts = generate_texts(model, tokenizer, prompts, augment=augment, max_new_tokens=max_new_tokens, stop=stop,
-                           batch_size=batch_size)
+                           batch_size=batch_size, progress=progress)
     preds = [extract(t) for t in texts]
     return GenerationResult(texts, preds, [is_correct(p, item.answer) for p, item in zip(preds, items, strict=True)])

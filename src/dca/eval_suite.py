@@ -117,13 +117,15 @@ def run_eval(args: EvalArgs) -> dict:
 
 # ------------------------------------------------------------------ Table 2
 def _score(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, bench: Benchmark, items: Sequence[Item], *,
-           augment: bool, batch_size: int, max_new_tokens: int) -> dict:
+           augment: bool, batch_size: int, max_new_tokens: int, label: str) -> dict:
+    progress = f"{bench.name}: {label}"
     if bench.kind == "multiple_choice":
-        mc = score_multiple_choice(model, tokenizer, items, augment=augment, batch_size=batch_size)
+        mc = score_multiple_choice(model, tokenizer, items, augment=augment, batch_size=batch_size,
+                                   progress=progress)
         return {"acc": mc.accuracy, "acc_norm": mc.accuracy_norm, "loglikelihoods": mc.loglikelihoods,
                 "correct": mc.correct}
     gen = score_generation(model, tokenizer, items, augment=augment, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, stop=bench.stop)
+                           batch_size=batch_size, stop=bench.stop, progress=progress)
     return {"exact_match": gen.accuracy, "completions": gen.completions, "predictions": gen.predictions,
             "correct": {"exact_match": gen.correct}}
 
@@ -149,10 +151,10 @@ def run_benchmarks(models: AugmentedLM | dict[str, AugmentedLM], tokenizer: PreT
         row = {"num_shots": bench.num_shots, "split": bench.split, "n": len(chosen), "ids": [i.id for i in chosen],
                "metrics": list(bench.metrics)}
         kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
-        row["base"] = _score(first, tokenizer, bench, chosen, augment=False, **kwargs)
+        row["base"] = _score(first, tokenizer, bench, chosen, augment=False, label="base", **kwargs)
         for label, model in models.items():
             if model.coprocessor is not None:
-                row[label] = _score(model, tokenizer, bench, chosen, augment=True, **kwargs)
+                row[label] = _score(model, tokenizer, bench, chosen, augment=True, label=label, **kwargs)
         results[name] = row
     return {"results": results, "markdown": benchmarks_markdown(results, seed)}
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from dca.cache import fork_cache
@@ -106,12 +107,13 @@ def _score_continuations(model: AugmentedLM, cache: DynamicCache, first_logits: 
 
 
 def loglikelihood_ids(model: AugmentedLM, requests: Sequence[Pair], *, augment: bool,
-                      batch_size: int = 8) -> list[tuple[float, bool]]:
+                      batch_size: int = 8, progress: str | None = None) -> list[tuple[float, bool]]:
     """(log p(continuation | context), is_greedy) for each (context ids, continuation ids) request.
 
     With `augment`, the coprocessor runs once at the end of each distinct context and the
     continuation is scored from the augmented cache (its first token with `augment`'s logits).
-    `batch_size` bounds both the contexts per prefix pass and the continuations per scoring pass.
+    `batch_size` bounds both the contexts per prefix pass and the continuations per scoring pass;
+    `progress`, if given, labels a progress bar over the context batches.
     """
     if augment and model.coprocessor is None:
         raise ValueError("augment=True needs a coprocessor; this AugmentedLM is a plain base model")
@@ -123,7 +125,7 @@ def loglikelihood_ids(model: AugmentedLM, requests: Sequence[Pair], *, augment: 
         by_context.setdefault(tuple(int(t) for t in ctx), []).append(i)
     keys = sorted(by_context, key=len, reverse=True)  # similar lengths share a batch: less padding
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for start in range(0, len(keys), batch_size):
+    for start in tqdm(range(0, len(keys), batch_size), desc=progress, disable=progress is None, leave=False):
         chunk = keys[start: start + batch_size]
         cache, first_logits, mask, next_pos = _run_contexts(model, chunk, augment)
         jobs = [(row, i) for row, key in enumerate(chunk) for i in by_context[key]]
@@ -158,7 +160,7 @@ def truncate_at(text: str, stops: Sequence[str]) -> str:
 
 def generate_texts(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]], *,
                    augment: bool, max_new_tokens: int, stop: Sequence[str] = (), batch_size: int = 8,
-                   **generate_kwargs) -> list[str]:
+                   progress: str | None = None, **generate_kwargs) -> list[str]:
     """Decoded continuations of prompt ids (greedy unless told otherwise), cut at the first stop string.
 
     Batches are left-padded; with `augment` the coprocessor runs once at each prompt's end
@@ -170,7 +172,7 @@ def generate_texts(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, promp
     generate_kwargs = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, leave=False):
         part = order[start: start + batch_size]
         ids, mask = _left_pad([prompts[i] for i in part], model.device)
         criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop)]) if stop else None
