@@ -72,10 +72,11 @@ class CoprocessorConfig:
             the ``"embed_rms"`` latents by a trainable scalar gate initialised at ``gate_init``.
         latent_anchor: what the coprocessor's output is added to. ``"none"``: nothing;
             ``"last_token"``: the embedding of x[t] on the last latent (zeros on the others);
-            ``"replay"``: the embeddings of the last N prompt tokens x[t-N+1 .. t]. With a small
-            ``gate_init`` an untrained coprocessor then does little harm (see README, "Start
-            without doing harm").
-        gate_init: initial value of the trainable scalar gate of ``latent_scale="gated"``.
+            ``"replay"``: the embeddings of the last N prompt tokens x[t-N+1 .. t]. With
+            ``latent_positions="replay"`` and ``gate_init=0`` (the defaults) an untrained coprocessor
+            then does almost no harm (see README, "Start without doing harm").
+        gate_init: initial value of the trainable scalar gate of ``latent_scale="gated"``. At 0 only
+            the gate learns in the first step; the coprocessor is trained from the second on.
         soft_token_init: ``"vocab_sample"`` copies N random rows of the embedding table,
             ``"vocab_mean"`` starts all soft tokens at the mean embedding (plus tiny noise),
             ``"normal"`` draws them with the embedding table's standard deviation.
