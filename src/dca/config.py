@@ -28,7 +28,7 @@ LATENT_SOURCES = ("final_norm", "pre_norm")
 LATENT_SCALES = ("none", "embed_rms", "learned", "gated")
 SOFT_TOKEN_INITS = ("vocab_sample", "vocab_mean", "normal")
 LATENT_ANCHORS = ("none", "last_token", "replay")
-LATENT_POSITIONS = ("after", "shared", "replay")  # as dca.masks.LATENT_POSITIONS
+LATENT_POSITIONS = ("after", "shared", "replay")  # dca.masks lays each out
 
 
 def help_meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:

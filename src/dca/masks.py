@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
+from dca.config import LATENT_POSITIONS
+
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -38,9 +40,6 @@ def prefix_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a (possibly left- or right-padded) batch, the way `generate` computes them."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)
-
-
-LATENT_POSITIONS = ("after", "shared", "replay")
 
 
 def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, group_size: int, *,
