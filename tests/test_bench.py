@@ -18,5 +18,5 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_sizes(tmp_path):
-    with pytest.raises(ValueError, match="unknown bench sizes"):
-        run_bench(BenchArgs(sizes=["huge"], out=str(tmp_path / "b.json")))
+    with pytest.raises(ValueError, match=r"sizes has unknown or no names \['huge'\]"):
+        BenchArgs(sizes=["huge"], out=str(tmp_path / "b.json"))

@@ -27,6 +27,76 @@ def test_bad_choice_is_a_usage_error(capsys):
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_invalid_values_are_reported_without_a_traceback(tmp_path, capsys):
-    assert main(["train", "--positions", "0", "--out", str(tmp_path)]) == 2
-    assert "positions must be at least 1" in capsys.readouterr().err
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading a model: every check must come first."""
+    import dca.resources
+
+    monkeypatch.setattr(dca.resources, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for module in ("dca.train", "dca.eval_suite", "dca.demo", "dca.init_study"):
+        monkeypatch.setattr(f"{module}.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def bad_inputs(tmp_path, model_dir):
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    (tmp_path / "a-file").write_text("x")
+    ok = ["--model", model_dir, "--data", str(tmp_path / "a-file")]
+    return [
+        (["train", *ok, "--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),
+        (["train", *ok, "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+        (["train", *ok, "--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["train", *ok, "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["train", *ok, "--gate-init", "inf"], "--gate-init must be a finite number"),
+        (["train", *ok, "--lora-rank", "4", "--lora-alpha", "nan"], "--lora-alpha must be a finite number"),
+        (["train", *ok, "--held-out-fraction", "1"], "--held-out-fraction must be below 1"),
+        (["train", *ok, "--device", "bogus"], "--device is not a device: 'bogus'"),
+        (["train", *ok, "--device", "cuda:7"], "--device is 'cuda:7', but"),
+        (["train", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "a-file")],
+         "--model no such model folder or file"),
+        (["train", "--model", str(tmp_path / "empty"), "--data", str(tmp_path / "a-file")],
+         "--model " + str(tmp_path / "empty") + " is a folder but holds no model"),
+        (["train", "--model", model_dir, "--data", str(tmp_path / "missing.txt")], "--data no such file or folder"),
+        (["train", *ok, "--out", str(tmp_path / "a-file" / "run")], "--out cannot be written"),
+        (["eval", "--model", model_dir, "--benchmarks", "nope"], "--benchmarks has unknown names ['nope']"),
+        (["eval", "--model", model_dir, "--limit", "0"], "--limit must be an integer >= 1, got 0"),
+        (["eval", "--model", model_dir, "--limit", "-3"], "--limit must be an integer >= 1, got -3"),
+        (["eval", *ok, "--coprocessors", str(tmp_path / "missing")], "--coprocessors no coprocessor"),
+        (["eval", *ok, "--coprocessors", str(tmp_path / "empty")],
+         "--coprocessors " + str(tmp_path / "empty") + " is not a saved coprocessor"),
+        (["demo", "--coprocessor", str(tmp_path / "missing")], "--coprocessor no coprocessor"),
+        (["demo", "--sequences", "0"], "--sequences must be an integer >= 1"),
+        (["init-study", "--model", str(tmp_path / "missing")], "--model no such model folder"),
+        (["init-study", "--variants", "nope"], "--variants has unknown names ['nope']"),
+        (["bench", "--repeats", "0"], "--repeats must be an integer >= 1"),
+        (["bench", "--sizes", "huge"], "--sizes has unknown or no names ['huge']"),
+        (["bench", "--out", str(tmp_path)], "--out " + str(tmp_path) + " is a folder"),
+    ]
+
+
+def test_every_bad_input_is_one_line_naming_the_option_with_exit_code_2(train_assets, tmp_path, capsys, no_loading):
+    for argv, message in bad_inputs(tmp_path, train_assets[0]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"dca {argv[0]}: error: "), (argv, err)
+        assert message in err, (argv, err)
+
+
+def test_a_diverging_run_exits_non_zero_with_one_line(train_assets, tmp_path, capsys, monkeypatch):
+    from dca.errors import TrainingDiverged
+
+    def diverge(args, callback=None):
+        raise TrainingDiverged("step 7: 5 optimiser steps in a row had a non-finite loss or gradient")
+
+    monkeypatch.setattr("dca.train.train", diverge)
+    assert main(["train", "--model", train_assets[0], "--data", train_assets[1], "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == ("dca train: error: step 7: 5 optimiser steps in a row had a non-finite "
+                                       "loss or gradient\n")
+
+
+def test_a_real_bug_keeps_its_traceback(monkeypatch):
+    def bug(args, callback=None):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr("dca.train.train", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["train"])

@@ -49,3 +49,33 @@ def test_accuracy_by_latents_plot_needs_two_latent_counts(tmp_path):
     assert not plot_accuracy_by_latents(one_count, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
     assert not plot_accuracy_by_latents({"coprocessors": sweep["coprocessors"]}, tmp_path / "no-table2.png")
+
+
+def test_what_is_scored_is_written_before_a_later_part_fails(assets, tmp_path, monkeypatch):
+    import dataclasses
+
+    import dca.eval_suite
+    from dca.benchmarks import BENCHMARKS, MultipleChoiceItem
+
+    model_dir, corpus, paths = assets
+    items = [MultipleChoiceItem("the cat sees", ["a dog", "the big red house"], 0, "x0"),
+             MultipleChoiceItem("the dog likes", ["a tree", "home"], 1, "x1")]
+    for name in ("arc_easy", "piqa"):
+        monkeypatch.setitem(BENCHMARKS, name, dataclasses.replace(BENCHMARKS[name], _load=lambda: items))
+    monkeypatch.setattr("dca.benchmarks._cached_items", lambda name, load: load())
+    real_score = dca.eval_suite._score
+
+    def fail_on_piqa(model, tokenizer, bench, *args, **kwargs):
+        if bench.name == "piqa":
+            raise RuntimeError("the machine died")
+        return real_score(model, tokenizer, bench, *args, **kwargs)
+
+    monkeypatch.setattr(dca.eval_suite, "_score", fail_on_piqa)
+    with pytest.raises(RuntimeError, match="the machine died"):
+        run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
+                          bootstrap=50, benchmarks=["arc_easy", "piqa"], out=str(tmp_path)))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved["table1"]) == {"copro"} and list(saved["table2"]) == ["arc_easy"]
+    assert saved["table2"]["arc_easy"]["base"]["acc"] in (0.0, 0.5, 1.0)
+    text = (tmp_path / "eval.md").read_text()
+    assert "| arc_easy |" in text and "(in progress)" in text

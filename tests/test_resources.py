@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from dca import resources
+from dca.errors import DataError
 from dca.resources import (
     BUILTIN_CORPORA,
     BUILTIN_MODELS,
@@ -100,7 +101,7 @@ def test_directory_reads_txt_and_jsonl_in_sorted_order(tmp_path):
 
 @pytest.mark.parametrize("name", ["missing.txt", "missing.jsonl", "./missing", "/no/such/dir"])
 def test_missing_local_path_is_file_not_found(name):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         load_texts(name)
 
 

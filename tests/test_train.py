@@ -4,28 +4,20 @@ import json
 
 import pytest
 import torch
-from tiny_models import save_tiny_model_dir, write_toy_corpus
+from tiny_models import train_args
 
-from dca import AugmentedLM, CoprocessorConfig
+from dca import AugmentedLM
+from dca.errors import ArgumentError
 from dca.resources import load_model
 from dca.train import TrainArgs, lr_factor, train
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    corpus = write_toy_corpus(root / "corpus.txt")
-    return save_tiny_model_dir(root / "model", pretrain_on=corpus), corpus
+@pytest.fixture
+def assets(train_assets):
+    return train_assets
 
 
-def args_for(assets, out, **overrides):
-    model, corpus = assets
-    copro = CoprocessorConfig(**{"num_latents": 2, "num_ahead": 3, "gate_init": 0.5,
-                             **overrides.pop("coprocessor", {})})
-    base = dict(model=model, data=corpus, out=str(out), coprocessor=copro, positions=4, seq_len=24,
-                batch_size=4, steps=6, lr=3e-3, warmup_steps=1, eval_every=3, save_every=2, eval_sequences=4,
-                held_out_fraction=0.1, progress=False, device="cpu")
-    return TrainArgs(**{**base, **overrides})
+args_for = train_args
 
 
 def test_a_short_run_lowers_the_augmented_held_out_loss(assets, tmp_path):
@@ -59,19 +51,19 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(assets, tmp_p
     for name in a:
         assert torch.equal(a[name], b[name]), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice: once before the kill, once after resuming
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # step 3's record from before the kill was cut with the checkpoint
 
 
 def test_resuming_with_other_arguments_is_refused(assets, tmp_path):
     train(args_for(assets, tmp_path / "run", steps=2))
-    with pytest.raises(ValueError, match="other arguments"):
-        train(args_for(assets, tmp_path / "run", steps=4, lr=1e-2))
+    with pytest.raises(ArgumentError, match=r"holds another run \(lr: 0.003 then, 0.01 now\)"):
+        train(args_for(assets, tmp_path / "run", steps=2, lr=1e-2))
 
 
 def test_checkpoints_leave_no_partial_folders(assets, tmp_path):
     train(args_for(assets, tmp_path / "run", steps=4))
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["adapter", "args.json", "checkpoint", "metrics.jsonl"]
+    assert names == ["adapter", "args.json", "checkpoint", "metrics.jsonl", "run.json"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -79,7 +71,7 @@ def test_checkpoints_leave_no_partial_folders(assets, tmp_path):
     ({"positions": 30}, "below seq_len"),
     ({"coprocessor": {"num_latents": 0}}, "num_latents"),
     ({"coprocessor": {"init": "random"}}, "init"),
-    ({"lr": 0.0}, "lr > 0"),
+    ({"lr": 0.0}, "lr must be > 0"),
 ])
 def test_bad_arguments_fail_before_any_work(assets, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

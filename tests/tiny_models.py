@@ -121,3 +121,17 @@ def toy_model_and_corpus(root, docs: int = 400, pretrain_steps: int = 20) -> tup
     """A briefly pretrained tiny model folder and the toy corpus it learned from."""
     corpus = write_toy_corpus(root / "corpus.txt", docs=docs)
     return save_tiny_model_dir(root / "model", pretrain_on=corpus, steps=pretrain_steps), corpus
+
+
+def train_args(assets, out, **overrides):
+    """`TrainArgs` of a short, fast run on `assets` (the `train_assets` fixture), with overrides."""
+    from dca import CoprocessorConfig
+    from dca.train import TrainArgs
+
+    model, corpus = assets
+    copro = CoprocessorConfig(**{"num_latents": 2, "num_ahead": 3, "gate_init": 0.5,
+                                 **overrides.pop("coprocessor", {})})
+    base = dict(model=model, data=corpus, out=str(out), coprocessor=copro, positions=4, seq_len=24,
+                batch_size=4, steps=6, lr=3e-3, warmup_steps=1, eval_every=3, save_every=2, eval_sequences=4,
+                held_out_fraction=0.1, progress=False, device="cpu")
+    return TrainArgs(**{**base, **overrides})

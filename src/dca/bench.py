@@ -26,7 +26,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from dca.atomic import write_file
+from dca.checks import check_device, check_int, check_writable_file
 from dca.config import CoprocessorConfig, help_meta
+from dca.errors import ArgumentError
 from dca.model import AugmentedLM
 from dca.reference import sequential_group_losses
 
@@ -67,6 +70,13 @@ class BenchArgs:
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=help_meta("cpu or cuda"))
     out: str = field(default="runs/bench.json", metadata=help_meta("where to write the JSON results"))
     memory: bool = field(default=True, metadata=help_meta("also measure peak memory (one child process per method)"))
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sizes if s not in SIZES]
+        if unknown or not self.sizes:
+            raise ArgumentError("sizes", f"has unknown or no names {unknown}; choose from {list(SIZES)}")
+        check_int("repeats", self.repeats)
+        check_device("device", self.device)
 
 
 def _setup(size: BenchSize, device: str, seed: int = 0):
@@ -164,11 +174,7 @@ def measure_memory(size_name: str, method: str, device: str) -> float:
 
 
 def run_bench(args: BenchArgs) -> dict:
-    unknown = [s for s in args.sizes if s not in SIZES]
-    if unknown:
-        raise ValueError(f"unknown bench sizes {unknown}; choose from {list(SIZES)}")
-    if args.repeats < 1:
-        raise ValueError("repeats must be at least 1")
+    check_writable_file("out", args.out)
     rows = []
     for name in args.sizes:
         size = SIZES[name]
@@ -192,7 +198,7 @@ def run_bench(args: BenchArgs) -> dict:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_file(out, json.dumps(result, indent=2).encode())
     print(format_table(result))
     print(f"\nwritten to {out}")
     return result

@@ -1,5 +1,7 @@
 """The `dca` command line. Each subcommand's options are generated from its dataclass of arguments,
-so the Python API and the command line never disagree."""
+so the Python API and the command line never disagree. dca's own errors (`dca.errors`) are printed as
+one line -- a bad argument as its option, with exit code 2 -- and anything else keeps its traceback,
+because it is a bug."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import types
 import typing
 from collections.abc import Callable
 from typing import Any
+
+from dca.errors import ArgumentError, DCAError
 
 
 def _field_type(annotation: Any) -> tuple[Any, bool]:
@@ -76,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args_cls, run, _ = commands[namespace.command]
     try:
         run(dataclass_from_namespace(args_cls, namespace))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dca {namespace.command}: error: {err}", file=sys.stderr)
-        return 2
+    except DCAError as err:
+        message = str(err)
+        if isinstance(err, ArgumentError) and err.argument in vars(namespace):
+            message = f"--{err.argument.replace('_', '-')} {err.message}"
+        print(f"dca {namespace.command}: error: {' '.join(message.split())}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

@@ -21,6 +21,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dca.checks import check_choice, check_int, check_number
+from dca.errors import ArgumentError
+
 METHODS = ("coprocessor", "pause")
 INITS = ("decoder", "scratch")
 SOFT_TOKEN_ATTENTION = ("causal", "full")
@@ -34,16 +37,6 @@ LATENT_POSITIONS = ("after", "shared", "replay")  # dca.masks lays each out
 def help_meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Dataclass field metadata that `dca.cli` turns into an argument's help (and choices)."""
     return {"help": help_text, "choices": choices} if choices else {"help": help_text}
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"CoprocessorConfig.{name} must be one of {choices}, got {value!r}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"CoprocessorConfig.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -115,24 +108,22 @@ class CoprocessorConfig:
         if self.latent_positions is None:
             replaying = self.method == "coprocessor" and self.latent_anchor == "replay"
             self.latent_positions = "replay" if replaying else "after"
-        _check_positive_int("num_latents", self.num_latents)
-        _check_positive_int("num_ahead", self.num_ahead)
+        check_int("num_latents", self.num_latents)
+        check_int("num_ahead", self.num_ahead)
         for f in dataclasses.fields(self):
             if "choices" in f.metadata:
-                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-        if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool):
-            raise ValueError(f"CoprocessorConfig.gate_init must be a number, got {self.gate_init!r}")
+                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        check_number("gate_init", self.gate_init)
         if self.method == "pause" and self.lora_rank is not None:
-            raise ValueError("CoprocessorConfig: pause tokens have no transformer to adapt; unset lora_rank")
+            raise ArgumentError("lora_rank", "must be unset for pause tokens: they have no transformer to adapt")
         if self.lora_rank is not None:
-            _check_positive_int("lora_rank", self.lora_rank)
+            check_int("lora_rank", self.lora_rank)
             if self.init == "scratch":
-                raise ValueError("CoprocessorConfig: LoRA adapts the decoder's weights; it cannot be combined "
-                                 "with init='scratch'")
-        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
-            raise ValueError(f"CoprocessorConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):
-            raise ValueError(f"CoprocessorConfig.init_seed must be an integer, got {self.init_seed!r}")
+                raise ArgumentError("lora_rank", "cannot be combined with init='scratch': LoRA adapts the "
+                                    "decoder's weights")
+        if self.lora_alpha is not None:
+            check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_int("init_seed", self.init_seed, minimum=0)
 
     @property
     def uses_lora(self) -> bool:

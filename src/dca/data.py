@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dca.errors import DataError
+
 
 def is_held_out(text: str, fraction: float) -> bool:
     """Split by a hash of the document itself: stable across runs, corpus order and corpus growth."""
@@ -61,7 +63,7 @@ class BatchSchedule:
 
     def __init__(self, sequences: torch.Tensor, batch_size: int, num_positions: int, seed: int):
         if len(sequences) < batch_size:
-            raise ValueError(f"only {len(sequences)} training sequences for a batch of {batch_size}: "
+            raise DataError(f"only {len(sequences)} training sequences for a batch of {batch_size}: "
                              "use more text, a shorter seq_len or a smaller batch")
         self.sequences, self.batch_size, self.num_positions, self.seed = sequences, batch_size, num_positions, seed
         self.batches_per_epoch = len(sequences) // batch_size

@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dca.atomic import write_file
+from dca.checks import check_coprocessor, check_data_source, check_int, check_model_source, check_writable_dir
 from dca.config import CoprocessorConfig, help_meta
 from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
@@ -38,6 +40,18 @@ class DemoArgs:
     positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
     train_steps: int = field(default=12, metadata=help_meta("steps of the short live training run (0: skip)"))
     out: str = field(default="reports/demo", metadata=help_meta("report folder"))
+
+    def __post_init__(self) -> None:
+        for name in ("sequences", "positions"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, minimum=2)
+        check_int("train_steps", self.train_steps, minimum=0)
+
+    def check_sources(self) -> None:
+        check_coprocessor("coprocessor", self.coprocessor)
+        check_model_source("model", self.model)
+        check_data_source("data", self.data)
+        check_writable_dir("out", self.out)
 
 
 def resolve_coprocessor(path: str) -> Path:
@@ -84,6 +98,7 @@ def answer(model: AugmentedLM, tokenizer, prompt: str, augment: bool, max_new_to
 
 def run_demo(args: DemoArgs) -> dict:
     started = time.time()
+    args.check_sources()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[1/3] loading {args.model} and held-out {args.data} text", flush=True)
@@ -124,8 +139,8 @@ def run_demo(args: DemoArgs) -> dict:
               "coprocessor_config": config.to_dict(), "held_out": report.to_dict(),
               "prompt": {"text": PROMPT, "base": without, "augmented": with_aug}, "live_training": live,
               "seconds": time.time() - started}
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(
+    write_file(out / "report.json", json.dumps(result, indent=2))
+    write_file(out / "report.md",
         f"# dca demo: {args.model}, held-out {args.data}\n\n"
         f"Coprocessor `{args.coprocessor}` (N={config.num_latents}); {len(seqs)} held-out sequences of "
         f"{args.seq_len} tokens, {positions.numel()} augmentation points. Negative = augmentation helps.\n\n"

@@ -19,9 +19,20 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from dca.atomic import write_file
 from dca.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
+from dca.checks import (
+    check_coprocessor,
+    check_data_source,
+    check_device,
+    check_int,
+    check_model_source,
+    check_number,
+    check_writable_dir,
+)
 from dca.config import help_meta
 from dca.demo import SHIPPED, plot_positions, resolve_coprocessor
+from dca.errors import ArgumentError, ResourceError
 from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
@@ -53,6 +64,34 @@ class EvalArgs:
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
     out: str = field(default="results/eval", metadata=help_meta("report folder"))
 
+    def __post_init__(self) -> None:
+        """Every value is checked here, before anything is loaded (`ArgumentError` names the argument)."""
+        check_int("sequences", self.sequences, minimum=0)
+        for name in ("positions", "bootstrap", "batch_size", "max_new_tokens"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, minimum=2)
+        check_int("seed", self.seed, minimum=0)
+        if self.limit is not None:
+            check_int("limit", self.limit)
+        check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise ArgumentError("benchmarks", f"has unknown names {unknown}; known: {', '.join(BENCHMARKS)}")
+        if not self.coprocessors:
+            raise ArgumentError("coprocessors", "is empty: name at least one saved coprocessor")
+        if self.sequences == 0 and not self.benchmarks:
+            raise ArgumentError("sequences", "is 0 and no --benchmarks are given: there is nothing to evaluate")
+        check_device("device", self.device)
+
+    def check_sources(self) -> None:
+        """The model, the data, every coprocessor folder and the report folder (cheap: nothing is loaded)."""
+        for path in self.coprocessors:
+            check_coprocessor("coprocessors", path)
+        check_model_source("model", self.model)
+        if self.sequences:
+            check_data_source("data", self.data)
+        check_writable_dir("out", self.out)
+
 
 def _label(path: str) -> str:
     return Path(path).name if Path(path).name not in ("adapter", "") else Path(path).parent.name
@@ -77,15 +116,30 @@ def table1_markdown(reports: dict[str, PositionReport], latents: dict[str, int])
 
 
 def run_eval(args: EvalArgs) -> dict:
+    """Table 1 and Table 2 for every coprocessor; eval.json and eval.md are rewritten as each part
+    finishes, so a failure late in a run loses nothing already computed.
+
+    Raises:
+        ArgumentError: a bad argument or a missing model, corpus or coprocessor (before any scoring).
+        ResourceError: benchmark data that is not installed (before any scoring).
+    """
     command = "dca eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else repr(asdict(args))
+    args.check_sources()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        items = {name: BENCHMARKS[name].load(args.limit, args.seed) for name in args.benchmarks}
+    except ModuleNotFoundError as err:
+        raise ResourceError(str(err)) from None
     decoder, tokenizer = load_model(args.model, device=resolve_device(args.device))
     models = {_label(p): AugmentedLM.from_pretrained(resolve_coprocessor(p), decoder) for p in args.coprocessors}
     latents = {name: m.coprocessor.config.num_latents for name, m in models.items()}
     result: dict = {"command": command, "args": asdict(args), "coprocessors": {
         name: m.coprocessor.config.to_dict() for name, m in models.items()}}
     sections = [f"# dca eval\n\nReproduce: `{command}`\n"]
+
+    def write_report(final: bool = False) -> None:
+        write_file(out / "eval.json", json.dumps(result, indent=2).encode())
+        write_file(out / "eval.md", "\n".join(sections + ([] if final else ["\n*(in progress)*\n"])).encode())
 
     if args.sequences > 0:
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
@@ -99,17 +153,21 @@ def run_eval(args: EvalArgs) -> dict:
                         f"{args.seq_len} tokens, {positions.numel()} augmentation points; relative change of "
                         f"the k-th token's perplexity, 95% bootstrap interval over sequences.\n\n"
                         f"{table1_markdown(reports, latents)}\n\n![](ppl_by_position.png)\n")
+        write_report()
 
     if args.benchmarks:
-        table2 = run_benchmarks(models, tokenizer, args.benchmarks, limit=args.limit, seed=args.seed,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        result["table2"] = table2["results"]
-        sections.append(table2["markdown"])
+        result["table2"] = {}
+        table1_sections = list(sections)
+        for name in args.benchmarks:  # one at a time, each written as soon as it is scored
+            table2 = run_benchmarks(models, tokenizer, [name], items=items, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens)
+            result["table2"].update(table2["results"])
+            sections = [*table1_sections, benchmarks_markdown(result["table2"], args.seed)]
+            write_report()
         if plot_accuracy_by_latents(result, out / "accuracy_by_latents.png"):
             sections.append("![](accuracy_by_latents.png)\n")
 
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    (out / "eval.md").write_text("\n".join(sections))
+    write_report(final=True)
     print("\n".join(sections))
     print(f"\nwritten to {out}/eval.md, eval.json")
     return result

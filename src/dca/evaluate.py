@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dca.data import sample_positions, split_texts, tokenize_and_pack
+from dca.errors import DataError
 from dca.model import AugmentedLM
 from dca.resources import load_texts
 
@@ -103,6 +104,6 @@ def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequ
     _, held_out = split_texts(load_texts(data), held_out_fraction)
     seqs = tokenize_and_pack(held_out, model_tokenizer, seq_len)[:sequences]
     if len(seqs) < sequences:
-        raise ValueError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
+        raise DataError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
     generator = torch.Generator().manual_seed(seed)
     return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator)

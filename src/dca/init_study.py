@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dca.atomic import write_file
+from dca.checks import check_data_source, check_int, check_model_source, check_number, check_writable_dir
 from dca.config import CoprocessorConfig, help_meta
+from dca.errors import ArgumentError
 from dca.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
@@ -66,10 +69,17 @@ class InitStudyArgs:
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
-            raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+            raise ArgumentError("variants", f"has unknown names {unknown}; known: {list(VARIANTS)}")
+        for name in ("num_latents", "sequences", "positions"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, minimum=2)
+        check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
 
 
 def run_init_study(args: InitStudyArgs) -> dict:
+    check_model_source("model", args.model)
+    check_data_source("data", args.data)
+    check_writable_dir("out", args.out)
     decoder, tokenizer = load_model(args.model)
     seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences, args.seq_len,
                                         args.positions, max(KS))
@@ -83,11 +93,11 @@ def run_init_study(args: InitStudyArgs) -> dict:
         print(f"{name:45s} " + " ".join(f"{100 * r:+10.1f}%" for r in report.rel_change), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "init_study.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_file(out / "init_study.json", json.dumps({"args": vars(args), "results": results}, indent=2))
     header = "| latents at step 0 | " + " | ".join(f"k={k}" for k in KS) + " |"
     rows = [header, "|---|" + "---|" * len(KS)]
     for name, r in results.items():
         rows.append(f"| {name} | " + " | ".join(f"{100 * v:+.1f}%" for v in r["rel_change"]) + " |")
-    (out / "init_study.md").write_text("\n".join(rows) + "\n")
+    write_file(out / "init_study.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
     return results

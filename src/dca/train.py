@@ -3,10 +3,12 @@
 The loop is ordinary -- AdamW, linear warm-up then cosine decay, gradient clipping and accumulation,
 bf16 autocast where the device has it -- around the one-pass objective of `AugmentedLM`. What is
 particular is resumability: the data order is a function of the step (`dca.data.BatchSchedule`)
-and checkpoints hold the adapter, the optimiser, the scheduler and every RNG, written atomically,
-so a run killed at any moment and started again ends with the weights of an uninterrupted run.
+and checkpoints hold the adapter, the optimiser, the scheduler and every RNG (`dca.checkpoint`),
+so a run killed at any moment and started again ends with the weights of an uninterrupted run --
+and a rerun with other arguments, model or data is refused rather than mixed in. A step whose loss
+or gradient is not finite is skipped; too many in a row stop the run, keeping the last good checkpoint.
 
-Run folder:  args.json · metrics.jsonl · checkpoint/ (latest, for resuming) · adapter/ (final)
+Run folder:  args.json · run.json (identity) · metrics.jsonl · checkpoint/ (latest) · adapter/ (final)
 """
 
 from __future__ import annotations
@@ -14,11 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,37 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dca.adapter import load_adapter
+from dca.adapter import decoder_fingerprint
+from dca.atomic import recover, write_file
+from dca.checkpoint import (
+    METRICS_FILE,
+    check_run_identity,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    tensor_digest,
+    trim_metrics,
+)
+from dca.checks import (
+    check_data_source,
+    check_device,
+    check_int,
+    check_model_source,
+    check_number,
+    check_writable_dir,
+)
 from dca.config import CoprocessorConfig, help_meta
 from dca.data import BatchSchedule, sample_positions, split_texts, tokenize_and_pack
+from dca.errors import ArgumentError, DataError, TrainingDiverged
 from dca.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
 from dca.resources import load_model, load_texts
+
+# what does not change the trained weights: a rerun may differ in these and still resume
+# (the learning-rate schedule depends on `steps`, so it is part of a run; bf16 is recorded as resolved)
+NOT_IDENTITY = ("out", "model", "data", "eval_every", "eval_sequences", "save_every", "device", "bf16", "progress",
+                "max_bad_steps")
 
 
 @dataclass
@@ -53,7 +77,7 @@ class TrainArgs:
     warmup_steps: int = field(default=20, metadata=help_meta("linear warm-up steps"))
     min_lr_ratio: float = field(default=0.1, metadata=help_meta("final learning rate as a fraction of the peak"))
     weight_decay: float = field(default=0.0, metadata=help_meta("AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=help_meta("gradient clipping norm"))
+    max_grad_norm: float = field(default=1.0, metadata=help_meta("gradient clipping norm (> 0)"))
     held_out_fraction: float = field(default=0.05, metadata=help_meta("documents kept out of training"))
     max_docs: int | None = field(default=None, metadata=help_meta("use only the first documents of the corpus"))
     eval_every: int = field(default=50, metadata=help_meta("held-out evaluation every this many steps"))
@@ -64,21 +88,45 @@ class TrainArgs:
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
     bf16: bool | None = field(default=None, metadata=help_meta("bf16 autocast (default: where the device supports it)"))
     progress: bool = field(default=True, metadata=help_meta("show a progress bar"))
+    max_bad_steps: int = field(default=5, metadata=help_meta("stop after this many consecutive steps whose loss or "
+                                                              "gradient is not finite (each is skipped)"))
 
     def __post_init__(self) -> None:
-        for name in ("positions", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every",
-                     "eval_sequences"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
-            raise ValueError("need warmup_steps >= 0, 0 <= min_lr_ratio <= 1 and lr > 0")
+        """Every value is checked here, before anything is loaded (`ArgumentError` names the argument)."""
+        for name in ("positions", "batch_size", "grad_accum", "steps", "eval_every", "save_every", "eval_sequences",
+                     "max_bad_steps"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, minimum=2)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_int("seed", self.seed, minimum=0)
+        if self.max_docs is not None:
+            check_int("max_docs", self.max_docs)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
+        if self.held_out_fraction == 1:
+            raise ArgumentError("held_out_fraction", "must be below 1: nothing would be left to train on")
         if self.positions > self.seq_len - 1:
-            raise ValueError(f"positions ({self.positions}) must be below seq_len ({self.seq_len})")
+            raise ArgumentError("positions", f"({self.positions}) must be below seq_len ({self.seq_len})")
+        check_device("device", self.device)
         if isinstance(self.coprocessor, dict):  # from args.json
             self.coprocessor = CoprocessorConfig.from_dict(self.coprocessor)
 
+    def check_sources(self) -> None:
+        """The model, the data and the run folder exist and can be used (cheap: nothing is loaded)."""
+        check_model_source("model", self.model)
+        check_data_source("data", self.data)
+        check_writable_dir("out", self.out)
+
+    def identity(self) -> dict:
+        """The arguments that shape the trained weights (model and data count by content, in `train`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+
 
 def resolve_device(device: str) -> torch.device:
+    check_device("device", device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -104,12 +152,12 @@ def prepare_data(args: TrainArgs, tokenizer) -> TrainingData:
     texts = load_texts(args.data, limit=args.max_docs)
     train_texts, held_out_texts = split_texts(texts, args.held_out_fraction)
     if not held_out_texts:
-        raise ValueError(f"no held-out documents: {len(texts)} documents at held_out_fraction "
-                         f"{args.held_out_fraction}")
+        raise DataError(f"no held-out documents: {len(texts)} documents at held_out_fraction "
+                        f"{args.held_out_fraction}")
     train_seqs = tokenize_and_pack(train_texts, tokenizer, args.seq_len)
     eval_seqs = tokenize_and_pack(held_out_texts, tokenizer, args.seq_len)[: args.eval_sequences]
     if len(eval_seqs) == 0:
-        raise ValueError("the held-out documents do not fill one sequence: lower seq_len or raise held_out_fraction")
+        raise DataError("the held-out documents do not fill one sequence: lower seq_len or raise held_out_fraction")
     eval_positions = sample_positions(len(eval_seqs), args.seq_len, args.positions,
                                       torch.Generator().manual_seed(12345))
     schedule = BatchSchedule(train_seqs, args.batch_size, args.positions, args.seed)
@@ -128,58 +176,22 @@ def evaluate(model: AugmentedLM, data: TrainingData, batch_size: int, bf16: bool
     return {"eval_loss": loss, "eval_base_loss": base_loss, "eval_rel_ppl_change": math.exp(loss - base_loss) - 1}
 
 
-# ---------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: Path, model: AugmentedLM, optimizer, scheduler, step: int) -> None:
-    """Write checkpoint/ atomically: a complete new checkpoint or the previous one, never a mix."""
-    staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_dir))
-    try:
-        model.save_pretrained(staging / "adapter")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, staging / "trainer_state.pt")
-        final, old = run_dir / "checkpoint", run_dir / ".checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _check_same_run(run_dir: Path, args: TrainArgs) -> None:
-    saved = json.loads((run_dir / "args.json").read_text())
-    # fields added to CoprocessorConfig since the run started take their defaults
-    saved["coprocessor"] = CoprocessorConfig.from_dict(saved.get("coprocessor", {})).to_dict()
-    ignore = {"steps", "eval_every", "save_every", "progress", "device"}
-    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
-               if k not in ignore and saved.get(k) != v}
-    if changed:
-        raise ValueError(f"{run_dir} holds a run with other arguments {changed} (saved, now): "
-                         "use another --out, or the same arguments to resume")
-
-
 # ---------------------------------------------------------------- the loop
 def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) -> Path:
-    """Train (or resume) the run in `args.out`; returns the folder of the final adapter."""
+    """Train (or resume) the run in `args.out`; returns the folder of the final adapter.
+
+    Raises:
+        ArgumentError: a bad argument, or a run folder holding another run (before any training).
+        TrainingDiverged: `max_bad_steps` consecutive non-finite steps; the last good checkpoint is kept.
+    """
+    args.check_sources()
     run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resuming = (run_dir / "checkpoint" / "trainer_state.pt").is_file()
-    if resuming:
-        _check_same_run(run_dir, args)
+    done = checkpoint_step(run_dir)  # also finishes a checkpoint save that a kill interrupted
+    if done is not None and args.steps < done:
+        raise ArgumentError("steps", f"is {args.steps}, but the run in {run_dir} has already done {done} steps: "
+                                     f"pass --steps {done} or more to finish it, or use another --out")
+    check_run_identity(run_dir, args.identity())  # arguments first: refused before anything is loaded
+    recover(run_dir / "adapter")
     device = resolve_device(args.device)
     bf16 = args.bf16 if args.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
@@ -187,34 +199,36 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
     random.seed(args.seed)
     decoder, tokenizer = load_model(args.model, device=device)
     data = prepare_data(args, tokenizer)
-    if resuming:
-        model = load_adapter(run_dir / "checkpoint" / "adapter", decoder)
+    check_run_identity(run_dir, {"decoder_fingerprint": decoder_fingerprint(decoder), "bf16": bf16,
+                                 "train_tokens_sha256": tensor_digest(data.schedule.sequences)})
+    write_file(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
+    if done is not None:
+        model, state = load_checkpoint(run_dir, decoder)
     else:
-        model = AugmentedLM.from_decoder(decoder, args.coprocessor)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        model, state = AugmentedLM.from_decoder(decoder, args.coprocessor), None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     start_step = 0
-    if resuming:
-        # on the CPU: RNG states must stay there; load_state_dict moves the optimiser's state to the parameters
-        state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start_step = state["step"]
+    logged = trim_metrics(run_dir / METRICS_FILE, start_step)  # no step twice, no half-written line
 
-    log = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 -- kept open for the whole run
+    log = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 -- kept open for the whole run
     trainable = sum(p.numel() for p in params)
     print(f"[dca train] {args.model} on {args.data}: {len(data.schedule.sequences)} train sequences of "
           f"{args.seq_len} tokens ({data.train_tokens:,} tokens), {len(data.eval_sequences)} held-out; "
           f"{trainable:,} trainable parameters; device {device}{' bf16' if bf16 else ''}"
-          f"{f'; resuming at step {start_step}' if resuming else ''}", file=sys.stderr)
-    if start_step == 0:
+          f"{f'; resuming at step {start_step}' if start_step else ''}", file=sys.stderr)
+    if not any(r["step"] == 0 for r in logged):
         _log(log, {"step": 0, **evaluate(model, data, args.batch_size, bf16)})
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not args.progress,
                desc="train", dynamic_ncols=True)
+    bad_steps, last_saved = 0, start_step
     for step in bar:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -228,12 +242,29 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
             base_sum += float(out.baseline_token_losses.sum())
             targets += out.num_targets
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_steps = 0
+            if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+                raise TrainingDiverged(f"step {step + 1}: the optimiser step made the weights non-finite (learning "
+                                       f"rate {scheduler.get_last_lr()[0]:.3g}); the checkpoint of step {last_saved} "
+                                       "is kept: lower --lr and start a new --out")
+        else:
+            bad_steps += 1
+            bar.write(f"step {step + 1}: {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} is not finite; "
+                      f"optimiser step skipped ({bad_steps} in a row, at most {args.max_bad_steps})", file=sys.stderr)
+        scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
         tokens = args.grad_accum * args.batch_size * args.seq_len
         record = {"step": step + 1, "loss": loss_sum / targets, "base_loss": base_sum / targets,
                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "tokens_per_s": tokens / (time.perf_counter() - started)}
+                  "tokens_per_s": tokens / (time.perf_counter() - started), **({} if finite else {"skipped": True})}
+        if bad_steps >= args.max_bad_steps:
+            _log(log, record)
+            raise TrainingDiverged(
+                f"step {step + 1}: {bad_steps} optimiser steps in a row had a non-finite loss or gradient, so training "
+                f"stopped; the checkpoint of step {last_saved} is kept. Likely cause: a learning rate too high "
+                f"({args.lr:g}) or bf16 overflow; lower --lr (or pass --no-bf16) and start a new --out")
         bar.set_postfix(loss=f"{record['loss']:.3f}", base=f"{record['base_loss']:.3f}",
                         tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -241,8 +272,9 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
             bar.write(f"step {step + 1}: held-out loss {record['eval_loss']:.4f} vs base {record['eval_base_loss']:.4f}"
                       f" ({100 * record['eval_rel_ppl_change']:+.2f}% perplexity)")
         _log(log, record)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and finite:  # none within a bad streak
             save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
+            last_saved = step + 1
         if callback is not None:
             callback(step + 1, record)
     bar.close()
@@ -251,5 +283,7 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
 
 
 def _log(handle, record: dict) -> None:
-    handle.write(json.dumps(record) + "\n")
+    """One JSON line; non-finite numbers are written as null (JSON has no NaN)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    handle.write(json.dumps(clean, allow_nan=False) + "\n")
     handle.flush()
