@@ -10,6 +10,7 @@ low-rank matrices.
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -19,6 +20,17 @@ from transformers import Cache, PreTrainedModel
 from dca.config import CoprocessorConfig
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+
+# Where the final norm's input goes during one `Coprocessor.forward` of this thread (or task). The hook
+# that writes it is registered once, at construction: a hook added per call would fire for every
+# thread running the same model, and each would read another's hidden states.
+_PRE_NORM_CAPTURE: ContextVar[list[torch.Tensor] | None] = ContextVar("dca_pre_norm_capture", default=None)
+
+
+def _capture_pre_norm(_module: nn.Module, args: tuple) -> None:
+    captured = _PRE_NORM_CAPTURE.get()
+    if captured is not None:
+        captured.append(args[0])
 
 
 def embedding_sample(decoder: PreTrainedModel, max_rows: int = 8192) -> torch.Tensor:
@@ -100,6 +112,8 @@ class Coprocessor(nn.Module):
             self.latent_gain = nn.Parameter(torch.full(gain_shape, start, device=param.device, dtype=param.dtype))
         else:
             self.latent_gain = None
+        if self.body is not None and config.latent_source == "pre_norm":
+            _final_norm(self.body).register_forward_pre_hook(_capture_pre_norm)
 
     def forward(
         self,
@@ -118,15 +132,15 @@ class Coprocessor(nn.Module):
         if self.body is None:  # pause tokens: input-independent, written as they are
             return soft
         captured: list[torch.Tensor] = []
-        hook = None
-        if self.config.latent_source == "pre_norm":
-            hook = _final_norm(self.body).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        token = _PRE_NORM_CAPTURE.set(captured if self.config.latent_source == "pre_norm" else None)
         try:
             out = self.body(inputs_embeds=soft, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True)
         finally:
-            if hook is not None:
-                hook.remove()
+            _PRE_NORM_CAPTURE.reset(token)
+        if self.config.latent_source == "pre_norm" and not captured:
+            raise RuntimeError("latent_source='pre_norm' but the final norm did not run: the capture hook is "
+                               "registered when the Coprocessor is built with that config")
         hidden = captured[-1] if captured else out.last_hidden_state
         latents = self.to_embedding_space(hidden)
         return latents if anchor is None else latents + anchor.to(latents.dtype)

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from dca.cache import fork_cache
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
+from dca.generation import check_own_arguments, generate_arguments
 from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
 
 
@@ -82,10 +85,14 @@ class AugmentedLM(nn.Module):
         return cls(decoder, config or CoprocessorConfig())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, decoder: PreTrainedModel) -> AugmentedLM:
+    def from_pretrained(cls, path: str | Path, decoder: PreTrainedModel | None = None) -> AugmentedLM:
         """Load a coprocessor saved by `save_pretrained` onto the decoder it was trained for."""
         from dca.adapter import load_adapter
 
+        if decoder is None:
+            raise TypeError(f"AugmentedLM.from_pretrained({str(path)!r}, decoder) needs the frozen decoder the "
+                            f"coprocessor was trained for{_base_model_hint(path)}: load it first, e.g. decoder = "
+                            "transformers.AutoModelForCausalLM.from_pretrained(name_or_path)")
         return load_adapter(path, decoder)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -102,6 +109,10 @@ class AugmentedLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder.get_input_embeddings().weight.device
+
+    @property
+    def _vocab_size(self) -> int:
+        return self.decoder.get_input_embeddings().num_embeddings  # what the embedding can look up
 
     def _require_coprocessor(self) -> Coprocessor:
         if self.coprocessor is None:
@@ -131,9 +142,12 @@ class AugmentedLM(nn.Module):
             # transformers' checkpointed layers drop past_key_values: every group would lose its prefix
             raise ValueError("training_loss does not work with activation (gradient) checkpointing: it silently "
                              "drops the cache the groups attend to; call activation_checkpointing_disable()")
-        input_ids, attention_mask = _check_batch(input_ids, attention_mask)
+        if num_ahead is not None and (isinstance(num_ahead, bool) or not isinstance(num_ahead, int) or num_ahead < 1):
+            raise ValueError(f"num_ahead must be a positive integer (or None for the config's {config.num_ahead}), "
+                             f"got {num_ahead!r}")
+        input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
         positions = _check_positions(positions, attention_mask)
-        n, a = config.num_latents, num_ahead or config.num_ahead
+        n, a = config.num_latents, config.num_ahead if num_ahead is None else num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
         arange_a = torch.arange(1, a + 1, device=input_ids.device)
         target_index = positions[:, :, None] + arange_a  # [B, P, A]: x[t+1 .. t+A]
@@ -141,6 +155,14 @@ class AugmentedLM(nn.Module):
         target_index = target_index.clamp(max=input_ids.shape[1] - 1)
         target_mask = in_bounds & attention_mask.gather(1, target_index.flatten(1)).view_as(in_bounds).bool()
         targets = input_ids.gather(1, target_index.flatten(1)).view_as(target_index)
+        group = n + a - 1
+        # members after a group's last target are computed but unused: only the others must fit the context
+        group_pos = group_position_ids(prefix_pos, positions, group, num_latents=n, layout=config.latent_positions)
+        needed = torch.cat([target_mask.new_ones(*positions.shape, n), target_mask[:, :, 1:]], dim=2)
+        real_before = prefix_pos.gather(1, positions) + 1  # real tokens x[0..t]
+        _check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
+                       max(int(prefix_pos.max()), int(group_pos.view_as(needed)[needed].max())),
+                       max(int(attention_mask.sum(1).max()), int((real_before + needed.sum(2)).max())))
 
         # 1. the frozen decoder over the original tokens: a full-length cache (no sliding-window eviction)
         cache = DynamicCache()
@@ -162,12 +184,14 @@ class AugmentedLM(nn.Module):
                                   anchor=self._latent_anchor(input_ids, attention_mask, positions))
 
         # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
-        group = n + a - 1
         ahead = self._embed(targets[:, :, : a - 1])  # [B, P, A-1, H]
         embeds = torch.cat([latents.view(*positions.shape, n, -1), ahead.to(latents.dtype)], dim=2).flatten(1, 2)
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
-        mask, group_pos = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True, num_latents=n)
+        mask = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True, num_latents=n)[0]
+        limit = _position_limit(self.decoder.config)
+        if limit is not None:  # the unused members past the end (learned position tables have no row for them)
+            group_pos = group_pos.clamp(max=limit - 1)
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
                            past_key_values=fork_cache(cache), use_cache=True, logits_to_keep=keep)
         token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
@@ -210,7 +234,7 @@ class AugmentedLM(nn.Module):
     def augment_with_grad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
         """`augment` with autograd left as it is (what a naive, per-position trainer calls)."""
         coprocessor = self._require_coprocessor()
-        input_ids, attention_mask = _check_batch(input_ids, attention_mask)
+        input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("augment needs left padding: the last token of every row must be real "
                              "(tokenizer.padding_side = 'left')")
@@ -221,6 +245,8 @@ class AugmentedLM(nn.Module):
         latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
+        _check_context(self.decoder.config, "augment: the prompt and its latents",
+                       int(latent_pos.max().clamp(min=prefix_pos.max())), int(attention_mask.sum(1).max()) + n)
 
         cache = DynamicCache()
         self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
@@ -238,29 +264,34 @@ class AugmentedLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 augment: bool = True, **generate_kwargs) -> torch.Tensor:
-        """transformers' `generate`, from an augmented cache; returns prompt + new tokens like it.
+                 augment: bool = True, generation_config: GenerationConfig | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor | ModelOutput:
+        """transformers' `generate`, from an augmented cache; every argument means what it means there.
 
+        Lengths count the prompt and the new tokens; beam search and several return sequences work; streamers,
+        stopping criteria and logits processors see the prompt and the new tokens, never the latents. With
+        `return_dict_in_generate=True`, `sequences` are prompt + new tokens, and the first step's hidden states and
+        attentions cover the last latent only (the rest of the augmented cache was computed before `generate`).
         With `augment=False`, or without a coprocessor, this is exactly `decoder.generate`.
         """
         if not augment or self.coprocessor is None:
-            return self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if "past_key_values" in generate_kwargs or "inputs_embeds" in generate_kwargs:
-            raise ValueError("generate(augment=True) builds the cache itself: do not pass past_key_values "
-                             "or inputs_embeds")
-        input_ids, attention_mask = _check_batch(input_ids, attention_mask)
+            return self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         generation_config=generation_config, **generate_kwargs)
+        check_own_arguments(generate_kwargs)
+        input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
+        n = self.coprocessor.config.num_latents
+        call = generate_arguments(self.decoder, generation_config, generate_kwargs, input_ids.shape[1] + n)
         out = self.augment(input_ids, attention_mask)
-        # `generate` must process at least one input itself: hand it the last latent again.
-        out.past_key_values.crop(-1)
-        n = out.latents.shape[1]
+        cache = out.past_key_values
+        cache.crop(-1)  # `generate` must process at least one input itself: the last latent, as an embedding
+        if call.rows > 1:
+            cache.batch_repeat_interleave(call.rows)  # generate repeats every tensor argument, but not a cache
         embeds = torch.cat([self._embed(input_ids), out.latents], dim=1)
-        placeholder_ids = torch.cat([input_ids, input_ids[:, -1:].expand(-1, n)], dim=1)
         # explicit position ids (generate continues them from the last one): latents may consume none
         position_ids = torch.cat([prefix_position_ids(attention_mask), out.latent_position_ids], dim=1)
-        sequences = self.decoder.generate(input_ids=placeholder_ids, inputs_embeds=embeds,
-                                          attention_mask=out.attention_mask, position_ids=position_ids,
-                                          past_key_values=out.past_key_values, **generate_kwargs)
-        return torch.cat([input_ids, sequences[:, placeholder_ids.shape[1]:]], dim=1)
+        return self.decoder.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=out.attention_mask,
+                                     position_ids=position_ids, past_key_values=cache,
+                                     generation_config=call.generation_config, **call.kwargs)
 
 
 def _checkpointing(module: nn.Module | None) -> bool:
@@ -274,19 +305,68 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor, target_mask: torc
     return losses.view_as(targets) * target_mask
 
 
-def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be a LongTensor [batch, length], got "
                          f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids is an empty batch (batch size 0): there is nothing to run")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: augmentation needs at least one token")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}) (the decoder's input embedding has {vocab_size} "
+                         f"rows), got ids from {low} to {high}")
     if attention_mask is None:
         return input_ids, torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(getattr(attention_mask, 'shape', ()))} must be a tensor matching "
+                         f"input_ids {tuple(input_ids.shape)}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got values such as {odd}")
     if not bool(attention_mask.any(dim=1).all()):
         raise ValueError("every row needs at least one real token (attention_mask has an all-zero row)")
     return input_ids, attention_mask.long()
+
+
+def _position_limit(config: PretrainedConfig) -> int | None:
+    limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)  # GPT-2: n_positions
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _check_context(config: PretrainedConfig, what: str, largest_position: int, context: int) -> None:
+    """Refuse what the decoder cannot read: a position id past its table, or more cache slots than its context.
+
+    A learned absolute position table (GPT-2) has a row per position id and nothing else limits it; rotary
+    models are trained on `max_position_embeddings` tokens, and the latents fill cache slots even when they
+    take no positions.
+    """
+    limit = _position_limit(config)
+    if limit is None:
+        return
+    if largest_position >= limit:
+        raise ValueError(f"{what} need position id {largest_position}, but the decoder has "
+                         f"max_position_embeddings={limit} (position ids 0..{limit - 1}): shorten the input")
+    text_config = config.get_text_config(decoder=True)
+    rotary = getattr(text_config, "rope_parameters", None) is not None or hasattr(text_config, "rope_theta")
+    if rotary and context > limit:
+        raise ValueError(f"{what} fill {context} cache slots, more than the decoder's context of "
+                         f"max_position_embeddings={limit}: shorten the input")
+
+
+def _base_model_hint(path: str | Path) -> str:
+    """' (name)' if the saved adapter names the decoder it was trained for."""
+    import json
+
+    from dca.adapter import CONFIG_NAME
+
+    try:
+        name = json.loads((Path(path) / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" ({name})" if name else ""
 
 
 def _check_positions(positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
