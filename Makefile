@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,data]'
-	# dca.harness needs only lm_eval's API; its own deps (metrics packages) are not used
+	# dca.eval.harness needs only lm_eval's API; its own deps (metrics packages) are not used
 	$(BIN)/pip install -q --no-deps lm_eval==0.4.13
 	touch $(STAMP)
 

@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from dca.cache import fork_cache
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
-from dca.evaluate import KS, held_out_eval_set
+from dca.eval.evaluate import KS, held_out_eval_set
 from dca.resources import load_model
 
 torch.set_grad_enabled(False)

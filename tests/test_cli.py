@@ -33,7 +33,7 @@ def no_loading(monkeypatch):
     import dca.resources
 
     monkeypatch.setattr(dca.resources, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    for module in ("dca.train", "dca.eval_suite", "dca.demo", "dca.init_study"):
+    for module in ("dca.training.train", "dca.eval.eval_suite", "dca.studies.demo", "dca.studies.init_study"):
         monkeypatch.setattr(f"{module}.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
@@ -87,7 +87,7 @@ def test_a_diverging_run_exits_non_zero_with_one_line(train_assets, tmp_path, ca
     def diverge(args, callback=None):
         raise TrainingDiverged("step 7: 5 optimiser steps in a row had a non-finite loss or gradient")
 
-    monkeypatch.setattr("dca.train.train", diverge)
+    monkeypatch.setattr("dca.training.train.train", diverge)
     assert main(["train", "--model", train_assets[0], "--data", train_assets[1], "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err == ("dca train: error: step 7: 5 optimiser steps in a row had a non-finite "
                                        "loss or gradient\n")
@@ -97,6 +97,6 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch):
     def bug(args, callback=None):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr("dca.train.train", bug)
+    monkeypatch.setattr("dca.training.train.train", bug)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["train"])

@@ -126,7 +126,7 @@ def toy_model_and_corpus(root, docs: int = 400, pretrain_steps: int = 20) -> tup
 def train_args(assets, out, **overrides):
     """`TrainArgs` of a short, fast run on `assets` (the `train_assets` fixture), with overrides."""
     from dca import CoprocessorConfig
-    from dca.train import TrainArgs
+    from dca.training.train import TrainArgs
 
     model, corpus = assets
     copro = CoprocessorConfig(**{"num_latents": 2, "num_ahead": 3, "gate_init": 0.5,

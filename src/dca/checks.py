@@ -95,7 +95,7 @@ def check_data_source(name: str, value: str) -> None:
 def check_coprocessor(name: str, value: str) -> Path:
     """A saved coprocessor's folder (the shipped ones are found from any working directory)."""
     from dca.adapter import CONFIG_NAME
-    from dca.demo import resolve_coprocessor
+    from dca.studies.demo import resolve_coprocessor
 
     try:
         folder = resolve_coprocessor(value)

@@ -55,11 +55,11 @@ def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
-    from dca.bench import BenchArgs, run_bench
-    from dca.demo import DemoArgs, run_demo
-    from dca.eval_suite import EvalArgs, run_eval
-    from dca.init_study import InitStudyArgs, run_init_study
-    from dca.train import TrainArgs, train
+    from dca.eval.eval_suite import EvalArgs, run_eval
+    from dca.studies.bench import BenchArgs, run_bench
+    from dca.studies.demo import DemoArgs, run_demo
+    from dca.studies.init_study import InitStudyArgs, run_init_study
+    from dca.training.train import TrainArgs, train
 
     return {
         "demo": (DemoArgs, run_demo, "the whole story on SmolLM2-135M and held-out Wikipedia, in minutes"),

@@ -17,12 +17,12 @@ from pathlib import Path
 from dca.atomic import write_file
 from dca.checks import check_coprocessor, check_data_source, check_int, check_model_source, check_writable_dir
 from dca.config import CoprocessorConfig, help_meta
-from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
+from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
-from dca.train import TrainArgs, train
+from dca.training.train import TrainArgs, train
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED = Path("coprocessors") / "smollm2-135m-wiki"  # relative to the repository
 PAPER_TABLE1_N8 = [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55]  # Gemma-2 2B, 8 latents (PAPER.md)
 PROMPT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was designed by"

@@ -2,8 +2,8 @@
 
 The loop is ordinary -- AdamW, linear warm-up then cosine decay, gradient clipping and accumulation,
 bf16 autocast where the device has it -- around the one-pass objective of `AugmentedLM`. What is
-particular is resumability: the data order is a function of the step (`dca.data.BatchSchedule`)
-and checkpoints hold the adapter, the optimiser, the scheduler and every RNG (`dca.checkpoint`),
+particular is resumability: the data order is a function of the step (`dca.training.data.BatchSchedule`)
+and checkpoints hold the adapter, the optimiser, the scheduler and every RNG (`dca.training.checkpoint`),
 so a run killed at any moment and started again ends with the weights of an uninterrupted run --
 and a rerun with other arguments, model or data is refused rather than mixed in. A step whose loss
 or gradient is not finite is skipped; too many in a row stop the run, keeping the last good checkpoint.
@@ -28,16 +28,6 @@ from tqdm.auto import tqdm
 
 from dca.adapter import decoder_fingerprint
 from dca.atomic import recover, write_file
-from dca.checkpoint import (
-    METRICS_FILE,
-    check_run_identity,
-    checkpoint_step,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-    tensor_digest,
-    trim_metrics,
-)
 from dca.checks import (
     check_data_source,
     check_device,
@@ -47,11 +37,21 @@ from dca.checks import (
     check_writable_dir,
 )
 from dca.config import CoprocessorConfig, help_meta
-from dca.data import BatchSchedule, sample_positions, split_texts, tokenize_and_pack
 from dca.errors import ArgumentError, DataError, TrainingDiverged
-from dca.evaluate import token_losses_by_distance
+from dca.eval.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
 from dca.resources import load_model, load_texts
+from dca.training.checkpoint import (
+    METRICS_FILE,
+    check_run_identity,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    tensor_digest,
+    trim_metrics,
+)
+from dca.training.data import BatchSchedule, sample_positions, split_texts, tokenize_and_pack
 
 # what does not change the trained weights: a rerun may differ in these and still resume
 # (the learning-rate schedule depends on `steps`, so it is part of a run; bf16 is recorded as resolved)
@@ -61,7 +61,7 @@ NOT_IDENTITY = ("out", "model", "data", "eval_every", "eval_sequences", "save_ev
 
 @dataclass
 class TrainArgs:
-    """Arguments of `dca train` (and of `dca.train.train`)."""
+    """Arguments of `dca train` (and of `dca.training.train.train`)."""
 
     model: str = field(default="smollm2-135m", metadata=help_meta("builtin name, local folder or hub name"))
     data: str = field(default="wiki", metadata=help_meta("builtin corpus, local .txt/.jsonl file or folder, or a "

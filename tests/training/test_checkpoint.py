@@ -12,10 +12,10 @@ from faults import FaultInjector, Killed
 from tiny_models import train_args
 
 from dca import AugmentedLM
-from dca.checkpoint import STATE_JSON, STATE_TENSORS, _flatten, _unflatten, read_metrics
 from dca.errors import ArgumentError, NonFiniteError, TrainingDiverged
 from dca.resources import load_model
-from dca.train import train
+from dca.training.checkpoint import STATE_JSON, STATE_TENSORS, _flatten, _unflatten, read_metrics
+from dca.training.train import train
 
 
 def weights(adapter, model_dir):
@@ -185,7 +185,7 @@ def test_a_half_written_metrics_line_is_repaired_on_resume(train_assets, tmp_pat
 
 def test_steps_below_those_done_are_refused_before_loading(train_assets, tmp_path, monkeypatch):
     train(train_args(train_assets, tmp_path / "run", steps=4))
-    monkeypatch.setattr("dca.train.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("dca.training.train.load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ArgumentError, match="steps is 2, but the run .* has already done 4 steps"):
         train(train_args(train_assets, tmp_path / "run", steps=2))
 
@@ -233,7 +233,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(train_assets, 
 
 
 def test_non_finite_weights_are_never_written_nor_loaded(train_assets, tmp_path):
-    from dca.checkpoint import save_checkpoint
+    from dca.training.checkpoint import save_checkpoint
 
     decoder, _ = load_model(train_assets[0])
     model = AugmentedLM.from_decoder(decoder, train_args(train_assets, tmp_path).coprocessor)

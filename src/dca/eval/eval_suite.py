@@ -1,9 +1,9 @@
 """`dca eval`: the paper's tables for one or more saved coprocessors, beside the frozen model.
 
 * Table 1 -- relative perplexity change by distance k from the augmentation point, with bootstrap
-  confidence intervals, on held-out text (`dca.evaluate`).
+  confidence intervals, on held-out text (`dca.eval.evaluate`).
 * Table 2 -- benchmarks, the coprocessor called once at the end of each prompt; base and augmented
-  scores come from the same items in the same run (`dca.benchmarks`).
+  scores come from the same items in the same run (`dca.eval.benchmarks`).
 
 Writes eval.json, eval.md and plots into `--out`; the exact command is recorded in each.
 """
@@ -20,7 +20,6 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from dca.atomic import write_file
-from dca.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
 from dca.checks import (
     check_coprocessor,
     check_data_source,
@@ -31,12 +30,13 @@ from dca.checks import (
     check_writable_dir,
 )
 from dca.config import help_meta
-from dca.demo import SHIPPED, plot_positions, resolve_coprocessor
 from dca.errors import ArgumentError, ResourceError
-from dca.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
+from dca.eval.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
+from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
-from dca.train import resolve_device
+from dca.studies.demo import SHIPPED, plot_positions, resolve_coprocessor
+from dca.training.train import resolve_device
 
 # PAPER.md Table 1 (Gemma-2 2B), relative perplexity change (%) by latent count
 PAPER_TABLE1 = {8: [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55], 16: [-2.48, -2.41, -1.98, -1.56, -1.08, -0.64],
@@ -56,7 +56,7 @@ class EvalArgs:
     seq_len: int = field(default=256, metadata=help_meta("tokens per held-out sequence"))
     positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
     bootstrap: int = field(default=1000, metadata=help_meta("bootstrap resamples for the intervals"))
-    benchmarks: list[str] = field(default_factory=list, metadata=help_meta("benchmark names (see dca.benchmarks)"))
+    benchmarks: list[str] = field(default_factory=list, metadata=help_meta("benchmark names (see dca.eval.benchmarks)"))
     limit: int | None = field(default=100, metadata=help_meta("items per benchmark (a seeded subset)"))
     seed: int = field(default=0, metadata=help_meta("seed of the benchmark subsets"))
     batch_size: int = field(default=4, metadata=help_meta("sequences per forward pass"))

@@ -7,8 +7,8 @@ from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.cli import main
-from dca.demo import DemoArgs, run_demo
 from dca.resources import load_model
+from dca.studies.demo import DemoArgs, run_demo
 
 
 @pytest.fixture(scope="module")

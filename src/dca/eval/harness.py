@@ -1,16 +1,16 @@
 """An lm-evaluation-harness model: any lm-eval task, scored with the cache augmented once per request.
 
-    from dca.harness import DCALM
+    from dca.eval.harness import DCALM
     lm = DCALM(model, tokenizer)                   # augments when the model has a coprocessor
     base = DCALM(model, tokenizer, augment=False)  # the same decoder without latents
     lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])   # needs the full lm_eval install and task data
 
 Where the coprocessor runs (the paper: once, at the end of the prompt):
-- `loglikelihood`: after each request's context, before the continuation (as `dca.benchmarks`);
+- `loglikelihood`: after each request's context, before the continuation (as `dca.eval.benchmarks`);
 - `generate_until`: after each request's context, then greedy (or sampled) decoding;
 - `loglikelihood_rolling`: never. A rolling log-likelihood (perplexity of a whole text) has no prompt
   and so no "end of the prompt": it is the plain decoder's, exactly as lm-eval's HF model computes
-  it. Table 1-style "perplexity after an augmentation point" lives in `dca.evaluate` instead.
+  it. Table 1-style "perplexity after an augmentation point" lives in `dca.eval.evaluate` instead.
 
 Importing this module needs `lm_eval` (`pip install --no-deps lm_eval==0.4.13` is enough for it);
 nothing else in dca imports it.
@@ -24,8 +24,8 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from dca.eval.scoring import generate_texts, loglikelihood_ids, prefix_token_id
 from dca.model import AugmentedLM
-from dca.scoring import generate_texts, loglikelihood_ids, prefix_token_id
 
 
 class DCALM(TemplateLM):

@@ -36,9 +36,9 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from dca.eval.scoring import encode_pair, generate_texts, loglikelihood_ids
 from dca.model import AugmentedLM
 from dca.resources import cache_dir, write_jsonl
-from dca.scoring import encode_pair, generate_texts, loglikelihood_ids
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`dca.harness.DCALM` on hand-built lm-eval requests, against hand computations on tiny models."""
+"""`dca.eval.harness.DCALM` on hand-built lm-eval requests, against hand computations on tiny models."""
 
 import importlib.util
 
@@ -12,9 +12,9 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 
-from dca.benchmarks import format_hellaswag, format_mmlu, format_winogrande  # noqa: E402
-from dca.harness import DCALM  # noqa: E402
-from dca.scoring import encode_pair  # noqa: E402
+from dca.eval.benchmarks import format_hellaswag, format_mmlu, format_winogrande  # noqa: E402
+from dca.eval.harness import DCALM  # noqa: E402
+from dca.eval.scoring import encode_pair  # noqa: E402
 
 PAIRS = [("the cat sees", " a dog"), ("the cat sees", " home"), ("a bird ", "likes the red tree"),
          ("dog", " runs"), ("", "the cat runs")]
@@ -114,7 +114,7 @@ def test_augment_without_coprocessor_is_refused():
         DCALM(make_model(coprocessor=False), word_tokenizer(), augment=True)
 
 
-# ------------------------------------------------------------------ dca.benchmarks' prompts against lm-eval's own
+# ------------------------------------------------------------------ dca.eval.benchmarks' prompts against lm-eval's own
 def _lm_eval_task_file(relative):
     spec = importlib.util.find_spec("lm_eval")
     return next(iter(spec.submodule_search_locations)) + "/tasks/" + relative

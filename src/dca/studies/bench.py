@@ -164,7 +164,7 @@ def peak_memory_child(size_name: str, method: str, device: str) -> float:
 
 
 def measure_memory(size_name: str, method: str, device: str) -> float:
-    code = ("import sys, json; from dca.bench import peak_memory_child; "
+    code = ("import sys, json; from dca.studies.bench import peak_memory_child; "
             f"print(json.dumps(peak_memory_child({size_name!r}, {method!r}, {device!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -6,7 +6,7 @@ import pytest
 from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.eval_suite import EvalArgs, plot_accuracy_by_latents, run_eval
+from dca.eval.eval_suite import EvalArgs, plot_accuracy_by_latents, run_eval
 from dca.resources import load_model
 
 
@@ -54,23 +54,23 @@ def test_accuracy_by_latents_plot_needs_two_latent_counts(tmp_path):
 def test_what_is_scored_is_written_before_a_later_part_fails(assets, tmp_path, monkeypatch):
     import dataclasses
 
-    import dca.eval_suite
-    from dca.benchmarks import BENCHMARKS, MultipleChoiceItem
+    import dca.eval.eval_suite
+    from dca.eval.benchmarks import BENCHMARKS, MultipleChoiceItem
 
     model_dir, corpus, paths = assets
     items = [MultipleChoiceItem("the cat sees", ["a dog", "the big red house"], 0, "x0"),
              MultipleChoiceItem("the dog likes", ["a tree", "home"], 1, "x1")]
     for name in ("arc_easy", "piqa"):
         monkeypatch.setitem(BENCHMARKS, name, dataclasses.replace(BENCHMARKS[name], _load=lambda: items))
-    monkeypatch.setattr("dca.benchmarks._cached_items", lambda name, load: load())
-    real_score = dca.eval_suite._score
+    monkeypatch.setattr("dca.eval.benchmarks._cached_items", lambda name, load: load())
+    real_score = dca.eval.eval_suite._score
 
     def fail_on_piqa(model, tokenizer, bench, *args, **kwargs):
         if bench.name == "piqa":
             raise RuntimeError("the machine died")
         return real_score(model, tokenizer, bench, *args, **kwargs)
 
-    monkeypatch.setattr(dca.eval_suite, "_score", fail_on_piqa)
+    monkeypatch.setattr(dca.eval.eval_suite, "_score", fail_on_piqa)
     with pytest.raises(RuntimeError, match="the machine died"):
         run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
                           bootstrap=50, benchmarks=["arc_easy", "piqa"], out=str(tmp_path)))

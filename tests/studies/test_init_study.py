@@ -5,7 +5,7 @@ import json
 import pytest
 from tiny_models import toy_model_and_corpus
 
-from dca.init_study import VARIANTS, InitStudyArgs, run_init_study
+from dca.studies.init_study import VARIANTS, InitStudyArgs, run_init_study
 
 
 def test_measures_the_chosen_variants_and_writes_them(tmp_path):

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dca.data import sample_positions, split_texts, tokenize_and_pack
 from dca.errors import DataError
 from dca.model import AugmentedLM
 from dca.resources import load_texts
+from dca.training.data import sample_positions, split_texts, tokenize_and_pack
 
 KS = (1, 2, 4, 8, 16, 32)
 

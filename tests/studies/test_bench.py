@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dca.bench import BenchArgs, run_bench
+from dca.studies.bench import BenchArgs, run_bench
 
 
 def test_bench_writes_a_table_and_json(tmp_path, capsys):
