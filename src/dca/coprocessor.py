@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -118,14 +119,15 @@ class Coprocessor(nn.Module):
     def forward(
         self,
         cache: Cache,
-        attention_mask: torch.Tensor | dict[str, torch.Tensor],
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
         position_ids: torch.Tensor,
         anchor: torch.Tensor | None = None,
+        **attention_kwargs: Any,
     ) -> torch.Tensor:
         """Run the soft tokens of every group (P groups of N, laid out by `position_ids`) over `cache`.
 
         Returns latents [B, P * N, hidden], plus `anchor` (same shape) if given. `cache` is
-        extended in place: pass a fork.
+        extended in place: pass a fork. `attention_kwargs` reach every attention layer (`dca.attention`).
         """
         batch, q_len = position_ids.shape
         soft = self.pause_tokens(batch, q_len // self.config.num_latents)
@@ -135,7 +137,7 @@ class Coprocessor(nn.Module):
         token = _PRE_NORM_CAPTURE.set(captured if self.config.latent_source == "pre_norm" else None)
         try:
             out = self.body(inputs_embeds=soft, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True)
+                            past_key_values=cache, use_cache=True, **attention_kwargs)
         finally:
             _PRE_NORM_CAPTURE.reset(token)
         if self.config.latent_source == "pre_norm" and not captured:

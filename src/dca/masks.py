@@ -69,6 +69,39 @@ def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, 
     return torch.cat([latents, text], dim=2).flatten(1)
 
 
+def prefix_allowed(
+    prefix_valid: torch.Tensor,
+    prefix_positions: torch.Tensor,
+    insert_at: torch.Tensor,
+    group_size: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean [B, P, group_size, T]: may member k of the group after t attend to original token j?
+
+    Yes when j <= t, j is not padding, and (with a window) j lies within the window of the member's
+    cache slot, pos(t) + 1 + k (see the module docstring).
+    """
+    key_index = torch.arange(prefix_valid.shape[1], device=insert_at.device)
+    allowed = (key_index <= insert_at[:, :, None]) & prefix_valid[:, None, :].bool()  # [B, P, T]
+    allowed = allowed[:, :, None, :].expand(-1, -1, group_size, -1)
+    if sliding_window is not None:
+        slots = group_position_ids(prefix_positions, insert_at, group_size).view(*insert_at.shape, group_size)
+        allowed = allowed & (slots[..., None] - prefix_positions[:, None, None, :] < sliding_window)
+    return allowed
+
+
+def within_group_allowed(group_size: int, *, causal: bool = True, sliding_window: int | None = None,
+                         device: torch.device | None = None) -> torch.Tensor:
+    """Boolean [group_size, group_size]: may member q of a group attend to member k of the same group?"""
+    member = torch.arange(group_size, device=device)
+    allowed = torch.ones(group_size, group_size, dtype=torch.bool, device=device)
+    if causal:
+        allowed = member[None, :] <= member[:, None]
+    if sliding_window is not None:
+        allowed = allowed & (member[:, None] - member[None, :] < sliding_window)
+    return allowed
+
+
 def group_attention_allowed(
     prefix_valid: torch.Tensor,
     prefix_positions: torch.Tensor,
@@ -80,29 +113,15 @@ def group_attention_allowed(
 ) -> torch.Tensor:
     """Boolean [B, Q, T + Q] where Q = P * group_size: may query q attend to key k?
 
-    Keys are the T original tokens (the cache) followed by the Q group members themselves.
+    Keys are the T original tokens (the cache) followed by the Q group members themselves: the
+    dense form of `prefix_allowed` beside a block diagonal of `within_group_allowed`, which is the
+    rule; `dca.attention` uses the two parts without ever building this.
     """
-    batch, length = prefix_valid.shape
-    num_groups = insert_at.shape[1]
-    device = insert_at.device
-    q_len = num_groups * group_size
-
-    query_group = torch.arange(num_groups, device=device).repeat_interleave(group_size)  # [Q]
-    query_member = torch.arange(group_size, device=device).repeat(num_groups)  # [Q]
-    query_insert = insert_at[:, query_group]  # [B, Q]: the t each query's group was inserted after
-
-    key_index = torch.arange(length, device=device)
-    to_prefix = (key_index[None, None, :] <= query_insert[:, :, None]) & prefix_valid[:, None, :].bool()
-
-    same_group = query_group[:, None] == query_group[None, :]
-    if causal_within_group:
-        same_group = same_group & (query_member[None, :] <= query_member[:, None])
-    to_group = same_group[None].expand(batch, q_len, q_len)
-
-    if sliding_window is not None:
-        query_pos = group_position_ids(prefix_positions, insert_at, group_size)  # [B, Q]: cache slots, see above
-        to_prefix = to_prefix & (query_pos[:, :, None] - prefix_positions[:, None, :] < sliding_window)
-        to_group = to_group & (query_member[:, None] - query_member[None, :] < sliding_window)[None]
+    batch, num_groups = insert_at.shape
+    to_prefix = prefix_allowed(prefix_valid, prefix_positions, insert_at, group_size, sliding_window).flatten(1, 2)
+    block = within_group_allowed(group_size, causal=causal_within_group, sliding_window=sliding_window,
+                                 device=insert_at.device)
+    to_group = torch.block_diag(*[block] * num_groups)[None].expand(batch, -1, -1)
     return torch.cat([to_prefix, to_group], dim=-1)
 
 

@@ -16,6 +16,7 @@ follow `CoprocessorConfig.latent_positions`; text after an augmented cache conti
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from dca.attention import GROUP_ATTENTION, GroupLayout, use_grouped_attention
 from dca.cache import fork_cache
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
@@ -76,6 +78,8 @@ class AugmentedLM(nn.Module):
         self.decoder = decoder
         self.config = config
         self.coprocessor = coprocessor if coprocessor is not None or config is None else Coprocessor(decoder, config)
+        # how training_loss's groups attend: "grouped" (linear in P) or "dense" (one mask, the reference)
+        self.group_attention = "grouped"
 
     @classmethod
     def from_decoder(cls, decoder: PreTrainedModel, config: CoprocessorConfig | None = None) -> AugmentedLM:
@@ -175,38 +179,54 @@ class AugmentedLM(nn.Module):
             baseline = _token_losses(prefix_out.logits.view(*targets.shape, -1), targets, target_mask)
 
         # 2. the coprocessor: P groups of N soft tokens over a fork of that cache (pause tokens read nothing)
+        grouped = self._group_attention() == "grouped"
         if coprocessor.body is None:
             latents = coprocessor.pause_tokens(input_ids.shape[0], positions.shape[1])
         else:
-            soft_mask, soft_pos = self._group_inputs(attention_mask, prefix_pos, positions, n, num_latents=n,
-                                                     causal=config.soft_token_attention == "causal")
-            latents = coprocessor(fork_cache(cache), soft_mask, soft_pos,
-                                  anchor=self._latent_anchor(input_ids, attention_mask, positions))
+            soft_mask, soft_pos, soft_kwargs = self._group_inputs(
+                attention_mask, prefix_pos, positions, n, num_latents=n,
+                causal=config.soft_token_attention == "causal", grouped=grouped)
+            with use_grouped_attention(coprocessor.body) if grouped else contextlib.nullcontext():
+                latents = coprocessor(fork_cache(cache), soft_mask, soft_pos,
+                                      anchor=self._latent_anchor(input_ids, attention_mask, positions), **soft_kwargs)
 
         # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
         ahead = self._embed(targets[:, :, : a - 1])  # [B, P, A-1, H]
         embeds = torch.cat([latents.view(*positions.shape, n, -1), ahead.to(latents.dtype)], dim=2).flatten(1, 2)
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
-        mask = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True, num_latents=n)[0]
+        mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True,
+                                                   num_latents=n, grouped=grouped)
         limit = _position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
             group_pos = group_pos.clamp(max=limit - 1)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
-                           past_key_values=fork_cache(cache), use_cache=True, logits_to_keep=keep)
+        with use_grouped_attention(self.decoder) if grouped else contextlib.nullcontext():
+            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
+                               past_key_values=fork_cache(cache), use_cache=True, logits_to_keep=keep, **group_kwargs)
         token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
         loss = token_losses.sum() / target_mask.sum().clamp(min=1)
         return TrainingLoss(loss, token_losses, target_mask, baseline)
 
+    def _group_attention(self) -> str:
+        if self.group_attention not in GROUP_ATTENTION:
+            raise ValueError(f"AugmentedLM.group_attention must be one of {GROUP_ATTENTION}, "
+                             f"got {self.group_attention!r}")
+        return self.group_attention
+
     def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
-                      group_size: int, *, causal: bool, num_latents: int):
+                      group_size: int, *, causal: bool, num_latents: int, grouped: bool = False):
+        """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`."""
+        position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
+                                          layout=self.coprocessor.config.latent_positions)
+        if grouped:  # no mask at all: the layout goes to `grouped_attention` through transformers' kwargs
+            return None, position_ids, {"dca_groups": GroupLayout(attention_mask, prefix_pos, positions, group_size,
+                                                                  causal)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype
         mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
                                     dtype, causal_within_group=causal)
-        return mask, group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
-                                        layout=self.coprocessor.config.latent_positions)
+        return mask, position_ids, {}
 
     def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor | None:
@@ -256,8 +276,9 @@ class AugmentedLM(nn.Module):
             # the model's own causal mask: an independent check on dca.masks in the tests
             latents = coprocessor(fork_cache(cache), extended_mask, latent_pos, anchor=anchor)
         else:
-            latents = coprocessor(fork_cache(cache), *self._group_inputs(attention_mask, prefix_pos, last, n,
-                                                                          causal=False, num_latents=n), anchor=anchor)
+            soft_mask, soft_pos, _ = self._group_inputs(attention_mask, prefix_pos, last, n, causal=False,
+                                                        num_latents=n)
+            latents = coprocessor(fork_cache(cache), soft_mask, soft_pos, anchor=anchor)
         out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
         return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask, next_pos, latent_pos)

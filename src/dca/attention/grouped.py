@@ -1,0 +1,125 @@
+"""Group attention whose cost is linear in the number of groups P, exact, never building the dense mask.
+
+In the one-pass objective every query belongs to one of P groups laid after the T cached original
+tokens, and a group sees a prefix of those tokens and, causally, itself (`dca.masks`). The dense path
+scores every query against all T + P·G keys, so its cost grows with P²; here each query is scored
+against the T prefix keys and the G keys of its own group only, and one softmax runs over the
+[T + G] scores: that is the log-sum-exp merge of the prefix part and the block-diagonal part, done
+in one step, so both the values and the gradients equal the dense computation.
+
+It runs as an attention implementation of transformers (registered by `dca.attention` under
+`GROUPED`): `AugmentedLM` switches a model to it only for its group passes and hands it the
+`GroupLayout` as the keyword argument `dca_groups`, which transformers passes down to every layer.
+It follows transformers' eager attention: grouped-query attention, per-layer sliding windows (which
+count cache slots, as `dca.masks` explains), logit softcapping (Gemma 2) and padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dca.masks import prefix_allowed, within_group_allowed
+
+GROUPED = "dca_grouped"
+
+
+@dataclass
+class GroupLayout:
+    """Where the P groups of one pass sit: what `prefix_allowed` and `within_group_allowed` need."""
+
+    prefix_valid: torch.Tensor  # [B, T]: 1 for real original tokens
+    prefix_positions: torch.Tensor  # [B, T]
+    insert_at: torch.Tensor  # [B, P]: each group's t
+    group_size: int  # G
+    causal: bool = True  # within a group
+    _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
+
+    def masks(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(to the prefix [B, P, G, T], within a group [G, G]) for layers with this window."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = (
+                prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
+                               sliding_window),
+                within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
+                                     device=self.insert_at.device))
+        return self._masks[sliding_window]
+
+
+def grouped_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [B, H, P*G, D]
+    key: torch.Tensor,  # [B, Hkv, T + P*G, D]: the cached prefix, then the groups
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    dca_groups: GroupLayout | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface; returns ([B, P*G, H, D], no weights)."""
+    if dca_groups is None:
+        raise RuntimeError(f"the {GROUPED!r} attention implementation runs only inside AugmentedLM.training_loss "
+                           "(it needs the groups' layout); was the model called from another thread meanwhile?")
+    if dropout:
+        raise ValueError("grouped attention has no dropout: the decoder and coprocessor run without it")
+    batch, heads, q_len, dim = query.shape
+    kv_heads, groups, size = key.shape[1], dca_groups.insert_at.shape[1], dca_groups.group_size
+    prefix_len = key.shape[2] - q_len
+    if q_len != groups * size or prefix_len != dca_groups.prefix_valid.shape[1]:
+        raise ValueError(f"grouped attention got {q_len} queries after {prefix_len} cached keys, but the layout "
+                         f"has {groups} groups of {size} after {dca_groups.prefix_valid.shape[1]} tokens")
+    scale = dim**-0.5 if scaling is None else scaling
+    # query heads h = kv * rep + r share key/value head kv: no copies of the keys (grouped-query attention)
+    q = query.view(batch, kv_heads, heads // kv_heads, groups, size, dim)
+    k_prefix, v_prefix = key[:, :, :prefix_len], value[:, :, :prefix_len]  # [B, Hkv, T, D]
+    k_group = key[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
+    v_group = value[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
+
+    scores_prefix = torch.einsum("bkrpgd,bktd->bkrpgt", q, k_prefix) * scale  # [B, Hkv, rep, P, G, T]
+    scores_group = torch.einsum("bkrpgd,bkphd->bkrpgh", q, k_group) * scale  # [B, Hkv, rep, P, G, G]
+    if softcap is not None:
+        scores_prefix = torch.tanh(scores_prefix / softcap) * softcap
+        scores_group = torch.tanh(scores_group / softcap) * softcap
+    to_prefix, to_group = dca_groups.masks(sliding_window)
+    blocked = torch.finfo(scores_prefix.dtype).min  # as the dense path's additive mask: never -inf
+    scores_prefix = scores_prefix.masked_fill(~to_prefix[:, None, None], blocked)
+    scores_group = scores_group.masked_fill(~to_group, blocked)
+    # one softmax over [prefix | own group]: the exact log-sum-exp merge of the two parts
+    probs = torch.cat([scores_prefix, scores_group], dim=-1).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = (torch.einsum("bkrpgt,bktd->bkrpgd", probs[..., :prefix_len], v_prefix)
+           + torch.einsum("bkrpgh,bkphd->bkrpgd", probs[..., prefix_len:], v_group))
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+
+
+def _configs(models: tuple[nn.Module | None, ...]) -> list:
+    configs = []
+    for model in models:
+        config = getattr(model, "config", None)
+        if config is not None and all(config is not c for c in configs):
+            configs.append(config)
+    return configs
+
+
+@contextlib.contextmanager
+def use_grouped_attention(*models: nn.Module | None) -> Iterator[None]:
+    """Run these models' attention layers as `grouped_attention` inside the block.
+
+    transformers looks the implementation up in each model's config at every call; it is switched
+    back on the way out. Not meant to overlap other calls of the same models from other threads.
+    """
+    configs = _configs(models)
+    saved = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = GROUPED
+    try:
+        yield
+    finally:
+        for config, implementation in zip(configs, saved, strict=True):
+            config._attn_implementation = implementation

@@ -1,0 +1,88 @@
+"""Grouped attention (linear in P) against the dense reference mask: the same losses and the same gradients."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, VOCAB, tiny_decoder
+
+from dca import AugmentedLM, CoprocessorConfig
+from dca.attention import GROUPED
+
+IMPLS = [(f, i) for f in FAMILIES for i in ("eager", "sdpa") if not (f == "gemma2" and i == "sdpa")]
+
+
+def loss_and_grads(model, mode, input_ids, positions, attention_mask):
+    model.group_attention = mode
+    model.zero_grad(set_to_none=True)
+    out = model.training_loss(input_ids, positions, attention_mask)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_grouped_equals_dense(model, input_ids, positions, attention_mask=None):
+    dense, dense_grads = loss_and_grads(model, "dense", input_ids, positions, attention_mask)
+    grouped, grouped_grads = loss_and_grads(model, "grouped", input_ids, positions, attention_mask)
+    torch.testing.assert_close(grouped.token_losses, dense.token_losses, rtol=1e-5, atol=1e-6)
+    assert grouped_grads.keys() == dense_grads.keys() and len(dense_grads) > 0
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert grad.abs().sum() > 0, name  # the comparison is not between two zeros
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+@pytest.mark.parametrize("config", [
+    {},  # the default: replay layout, causal soft tokens
+    {"latent_positions": "after", "soft_token_attention": "full", "lora_rank": 2},
+    {"latent_positions": "shared", "latent_source": "pre_norm", "init": "scratch"},
+])
+def test_grouped_equals_dense_with_padding(family, impl, config):
+    torch.manual_seed(0)
+    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(
+        num_latents=3, num_ahead=4, gate_init=0.5, **config))
+    with torch.no_grad():  # LoRA's B starts at 0: move it, so its gradient paths are exercised too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 15:] = 0  # right padding
+    positions = torch.tensor([[0, 6, 12, 17], [5, 9, 14, 18], [1, 7, 11, 13]])
+    assert_grouped_equals_dense(model, input_ids, positions, attention_mask)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_grouped_equals_dense_when_groups_outgrow_the_sliding_window(family):
+    # windows of 5 and 6 slots, groups of 3 + 8 - 1 = 10 members: both parts of the mask are windowed
+    torch.manual_seed(0)
+    model = AugmentedLM.from_decoder(tiny_decoder(family, "eager"), CoprocessorConfig(
+        num_latents=3, num_ahead=8, gate_init=0.5))
+    input_ids = torch.randint(0, VOCAB, (2, 30))
+    assert_grouped_equals_dense(model, input_ids, torch.tensor([[2, 10, 20], [4, 15, 27]]))
+
+
+def test_the_models_attention_implementation_is_restored_and_required_by_the_grouped_function():
+    model = AugmentedLM.from_decoder(tiny_decoder("llama", "sdpa"), CoprocessorConfig(num_latents=2, num_ahead=2))
+    model.training_loss(torch.randint(0, VOCAB, (1, 10)), torch.tensor([[3, 6]]))
+    assert model.decoder.config._attn_implementation == "sdpa"
+    assert model.coprocessor.body.config._attn_implementation == "sdpa"
+    model.decoder.config._attn_implementation = GROUPED
+    with pytest.raises(RuntimeError, match="runs only inside AugmentedLM.training_loss"):
+        model.decoder(torch.randint(0, VOCAB, (1, 4)))
+
+
+def test_an_unknown_group_attention_is_refused():
+    model = AugmentedLM.from_decoder(tiny_decoder("llama"), CoprocessorConfig(num_latents=2, num_ahead=2))
+    model.group_attention = "sparse"
+    with pytest.raises(ValueError, match="group_attention must be one of"):
+        model.training_loss(torch.randint(0, VOCAB, (1, 10)), torch.tensor([[3]]))
+
+
+def test_grouped_equals_dense_under_strong_logit_softcapping():
+    decoder = tiny_decoder("gemma2", "eager")
+    for layer in decoder.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.5  # the tiny model's 50 barely bends its small logits
+    torch.manual_seed(0)
+    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=3, num_ahead=4, gate_init=0.5))
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    assert_grouped_equals_dense(model, input_ids, torch.tensor([[2, 8, 12], [4, 9, 13]]))
