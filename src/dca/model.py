@@ -28,11 +28,12 @@ from transformers import DynamicCache, GenerationConfig, PretrainedConfig, PreTr
 from transformers.utils import ModelOutput
 
 from dca.attention import GROUP_ATTENTION, GroupLayout, use_grouped_attention
-from dca.cache import fork_cache
+from dca.cache import fork_cache, prefix_view
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
 from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
+from dca.recompute import recomputed_layers
 
 
 @dataclass
@@ -80,6 +81,8 @@ class AugmentedLM(nn.Module):
         self.coprocessor = coprocessor if coprocessor is not None or config is None else Coprocessor(decoder, config)
         # how training_loss's groups attend: "grouped" (linear in P) or "dense" (one mask, the reference)
         self.group_attention = "grouped"
+        # training_loss keeps only each layer's input of its two group passes and replays the layer in backward
+        self.activation_checkpointing = False
 
     @classmethod
     def from_decoder(cls, decoder: PreTrainedModel, config: CoprocessorConfig | None = None) -> AugmentedLM:
@@ -186,8 +189,8 @@ class AugmentedLM(nn.Module):
             soft_mask, soft_pos, soft_kwargs = self._group_inputs(
                 attention_mask, prefix_pos, positions, n, num_latents=n,
                 causal=config.soft_token_attention == "causal", grouped=grouped)
-            with use_grouped_attention(coprocessor.body) if grouped else contextlib.nullcontext():
-                latents = coprocessor(fork_cache(cache), soft_mask, soft_pos,
+            with self._group_pass(coprocessor.body, grouped):
+                latents = coprocessor(prefix_view(cache), soft_mask, soft_pos,
                                       anchor=self._latent_anchor(input_ids, attention_mask, positions), **soft_kwargs)
 
         # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
@@ -200,12 +203,21 @@ class AugmentedLM(nn.Module):
         limit = _position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
             group_pos = group_pos.clamp(max=limit - 1)
-        with use_grouped_attention(self.decoder) if grouped else contextlib.nullcontext():
+        with self._group_pass(self.decoder, grouped):
             out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
-                               past_key_values=fork_cache(cache), use_cache=True, logits_to_keep=keep, **group_kwargs)
+                               past_key_values=prefix_view(cache), use_cache=True, logits_to_keep=keep, **group_kwargs)
         token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
         loss = token_losses.sum() / target_mask.sum().clamp(min=1)
         return TrainingLoss(loss, token_losses, target_mask, baseline)
+
+    @contextlib.contextmanager
+    def _group_pass(self, model: nn.Module, grouped: bool):
+        """A pass over P groups: grouped attention and activation checkpointing, as this model is set."""
+        def setting():
+            return use_grouped_attention(model) if grouped else contextlib.nullcontext()
+
+        with setting(), recomputed_layers(model, enabled=bool(self.activation_checkpointing), setting=setting):
+            yield
 
     def _group_attention(self) -> str:
         if self.group_attention not in GROUP_ATTENTION:

@@ -12,9 +12,28 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys):
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved == json.loads(json.dumps(result))
     row = saved["rows"][0]
-    assert set(row["median_s"]) == {"one_pass", "sequential", "finetune"}
+    assert set(row["median_s"]) == {"one_pass", "one_pass_dense", "one_pass_ckpt", "sequential", "finetune"}
     assert all(v > 0 for v in row["median_s"].values())
-    assert "| xs (h128, 4L) |" in capsys.readouterr().out
+    assert row["floor_vs_finetune"] == pytest.approx((6 * 8 * 8 + 4 * 8 * 15 + 2 * 256) / (6 * 256))
+    assert "| xs (h128, 4L) | 2 x 256 | 8 | 8 | 8 | one_pass_ckpt |" in capsys.readouterr().out
+
+
+def test_the_p_sweep_is_plotted(tmp_path, monkeypatch):
+    import dca.studies.bench as bench
+
+    small = {f"p{p}": bench.BenchSize(f"p{p}", hidden=32, layers=1, seq_len=64, batch=1, positions=p, latents=4,
+                                      ahead=4, methods=("one_pass", "one_pass_dense")) for p in (2, 4)}
+    monkeypatch.setattr(bench, "SWEEP", small)
+    monkeypatch.setattr(bench, "SIZES", {**bench.SIZES, **small})
+    result = run_bench(BenchArgs(sizes=list(small), repeats=1, device="cpu", out=str(tmp_path / "b.json"),
+                                 memory=False))
+    assert [r["size"]["positions"] for r in result["rows"]] == [2, 4]
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_names_the_four_sizes_of_the_paper_shape():
+    args = BenchArgs(sizes=["sweep"], out="b.json")
+    assert args.sizes == ["p16", "p32", "p64", "p128"]
 
 
 def test_bench_rejects_unknown_sizes(tmp_path):

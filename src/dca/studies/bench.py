@@ -1,11 +1,18 @@
 """`dca bench`: what one training step costs, one-pass versus the naive alternatives, side by side.
 
-For each size, three ways to spend one optimiser step on the same batch:
+For each size, several ways to spend one optimiser step on the same batch:
 
-* ``one_pass``   -- `AugmentedLM.training_loss` (three passes for all P positions at once);
-* ``sequential`` -- the per-position computation of `dca.reference` (augment, then continue),
+* ``one_pass``       -- `AugmentedLM.training_loss` (three passes for all P positions at once), with
+  grouped attention (`dca.attention`: linear in P);
+* ``one_pass_dense`` -- the same with the dense reference mask over all T + P·G keys;
+* ``one_pass_ckpt``  -- grouped, with activation checkpointing of both group passes (`dca.recompute`);
+* ``sequential``     -- the per-position computation of `dca.reference` (augment, then continue),
   once for each of the B * P insertion points, gradients accumulated;
-* ``finetune``   -- plain full fine-tuning of the decoder on the same B x T tokens, for scale.
+* ``finetune``       -- plain full fine-tuning of the decoder on the same B x T tokens, for scale.
+
+Beside each one-pass row stands its arithmetic floor against fine-tuning: the coprocessor's P·N tokens
+forward and backward with weight gradients (6 units a token), the P·G group tokens forward and
+backward to their inputs (4), the T prefix tokens forward only (2), against 6·T for fine-tuning.
 
 Times are medians of interleaved repeats in one process (machines are noisy; ratios taken side by
 side are what to quote). Peak memory is measured per method in a fresh child process: CUDA's peak
@@ -33,7 +40,8 @@ from dca.errors import ArgumentError
 from dca.model import AugmentedLM
 from dca.reference import sequential_group_losses
 
-METHODS = ("one_pass", "sequential", "finetune")
+METHODS = ("one_pass", "one_pass_dense", "one_pass_ckpt", "sequential", "finetune")
+ONE_PASS = {"one_pass": ("grouped", False), "one_pass_dense": ("dense", False), "one_pass_ckpt": ("grouped", True)}
 
 
 @dataclass(frozen=True)
@@ -46,35 +54,62 @@ class BenchSize:
     positions: int
     latents: int
     ahead: int
+    heads: int | None = None  # default: hidden // 64 (at least 2)
+    kv_heads: int | None = None  # default: heads
+    intermediate: int | None = None  # default: 3 x hidden
+    vocab: int = 8192
+    tied: bool = False  # input and output embeddings shared (SmolLM2 shares them)
+    methods: tuple[str, ...] = METHODS
 
     def decoder_config(self) -> LlamaConfig:
-        heads = max(2, self.hidden // 64)
-        return LlamaConfig(vocab_size=8192, hidden_size=self.hidden, intermediate_size=self.hidden * 3,
-                           num_hidden_layers=self.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                           max_position_embeddings=4096)
+        heads = self.heads or max(2, self.hidden // 64)
+        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden,
+                           intermediate_size=self.intermediate or self.hidden * 3, num_hidden_layers=self.layers,
+                           num_attention_heads=heads, num_key_value_heads=self.kv_heads or heads,
+                           max_position_embeddings=4096, tie_word_embeddings=self.tied)
+
+    @property
+    def floor(self) -> float:
+        """The one-pass step's arithmetic against fine-tuning the same tokens (module docstring)."""
+        group = self.latents + self.ahead - 1
+        tokens = 6 * self.positions * self.latents + 4 * self.positions * group + 2 * self.seq_len
+        return tokens / (6 * self.seq_len)
 
 
+# the paper's T, N, A on a 2-layer h64 Llama: how a step grows with P alone
+SWEEP = {f"p{p}": BenchSize(f"p{p}", hidden=64, layers=2, seq_len=2048, batch=1, positions=p, latents=64, ahead=16,
+                            methods=("one_pass", "one_pass_dense")) for p in (16, 32, 64, 128)}
 SIZES = {
     "xs": BenchSize("xs", hidden=128, layers=4, seq_len=256, batch=2, positions=8, latents=8, ahead=8),
     "s": BenchSize("s", hidden=256, layers=6, seq_len=512, batch=2, positions=16, latents=8, ahead=16),
     "m": BenchSize("m", hidden=576, layers=12, seq_len=512, batch=1, positions=32, latents=16, ahead=16),
+    # the paper's row on SmolLM2-135M's architecture: only the checkpointed step fits in 24 GB
+    "paper": BenchSize("paper", hidden=576, layers=30, seq_len=2048, batch=1, positions=128, latents=64, ahead=16,
+                       heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True,
+                       methods=("one_pass_ckpt", "finetune")),
+    **SWEEP,
 }
+ALIASES = {"sweep": list(SWEEP)}
 
 
 @dataclass
 class BenchArgs:
     """Arguments of `dca bench`."""
 
-    sizes: list[str] = field(default_factory=lambda: ["xs", "s"], metadata=help_meta(f"from {list(SIZES)}"))
+    sizes: list[str] = field(default_factory=lambda: ["xs", "s"],
+                             metadata=help_meta(f"from {list(SIZES)}, or 'sweep' for {list(SWEEP)}"))
     repeats: int = field(default=3, metadata=help_meta("timed steps per method (after one warm-up)"))
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=help_meta("cpu or cuda"))
-    out: str = field(default="runs/bench.json", metadata=help_meta("where to write the JSON results"))
+    out: str = field(default="runs/bench.json", metadata=help_meta("where to write the JSON results (and the "
+                                                                   "P-sweep plot beside it)"))
     memory: bool = field(default=True, metadata=help_meta("also measure peak memory (one child process per method)"))
 
     def __post_init__(self) -> None:
+        self.sizes = [name for entry in self.sizes for name in ALIASES.get(entry, [entry])]
         unknown = [s for s in self.sizes if s not in SIZES]
         if unknown or not self.sizes:
-            raise ArgumentError("sizes", f"has unknown or no names {unknown}; choose from {list(SIZES)}")
+            raise ArgumentError("sizes", f"has unknown or no names {unknown}; choose from {list(SIZES)} or "
+                                         f"{list(ALIASES)}")
         check_int("repeats", self.repeats)
         check_device("device", self.device)
 
@@ -85,10 +120,11 @@ def _setup(size: BenchSize, device: str, seed: int = 0):
     model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=size.latents, num_ahead=size.ahead))
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, 8192, (size.batch, size.seq_len), generator=generator).to(device)
+    input_ids = torch.randint(0, size.vocab, (size.batch, size.seq_len), generator=generator).to(device)
     positions = torch.stack([torch.randperm(size.seq_len - 1, generator=generator)[: size.positions].sort().values
                              for _ in range(size.batch)]).to(device)
-    finetuned = AutoModelForCausalLM.from_config(size.decoder_config()).to(device).train()
+    finetuned = AutoModelForCausalLM.from_config(size.decoder_config()).to(device).train() \
+        if "finetune" in size.methods else None
     return model, finetuned, input_ids, positions
 
 
@@ -96,6 +132,7 @@ def _step_fn(method: str, model: AugmentedLM, finetuned, input_ids: torch.Tensor
     coprocessor_params = [p for p in model.parameters() if p.requires_grad]
 
     def one_pass():
+        model.group_attention, model.activation_checkpointing = ONE_PASS[method]
         model.training_loss(input_ids, positions).loss.backward()
 
     def sequential():
@@ -108,7 +145,7 @@ def _step_fn(method: str, model: AugmentedLM, finetuned, input_ids: torch.Tensor
     def finetune():
         finetuned(input_ids=input_ids, labels=input_ids).loss.backward()
 
-    step = {"one_pass": one_pass, "sequential": sequential, "finetune": finetune}[method]
+    step = one_pass if method in ONE_PASS else {"sequential": sequential, "finetune": finetune}[method]
     params = list(finetuned.parameters()) if method == "finetune" else coprocessor_params
 
     def run():
@@ -126,10 +163,10 @@ def _sync(device: str) -> None:
 
 def time_methods(size: BenchSize, device: str, repeats: int) -> dict[str, list[float]]:
     model, finetuned, input_ids, positions = _setup(size, device)
-    steps = {m: _step_fn(m, model, finetuned, input_ids, positions) for m in METHODS}
+    steps = {m: _step_fn(m, model, finetuned, input_ids, positions) for m in size.methods}
     for step in steps.values():  # warm-up
         step()
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in size.methods}
     for _ in range(repeats):  # interleaved, so drift in machine speed hits every method alike
         for method, step in steps.items():
             _sync(device)
@@ -180,16 +217,15 @@ def run_bench(args: BenchArgs) -> dict:
         size = SIZES[name]
         print(f"[bench] size {name}: {asdict(size)}", file=sys.stderr, flush=True)
         times = time_methods(size, args.device, args.repeats)
-        medians = {m: statistics.median(times[m]) for m in METHODS}
-        memory = {m: measure_memory(name, m, args.device) for m in METHODS} if args.memory else {}
-        rows.append({
-            "size": asdict(size),
-            "median_s": medians,
-            "times_s": times,
-            "peak_mem_mb": memory,
-            "speedup_vs_sequential": medians["sequential"] / medians["one_pass"],
-            "one_pass_vs_finetune": medians["one_pass"] / medians["finetune"],
-        })
+        medians = {m: statistics.median(times[m]) for m in size.methods}
+        memory = {m: measure_memory(name, m, args.device) for m in size.methods} if args.memory else {}
+        row = {"size": asdict(size), "median_s": medians, "times_s": times, "peak_mem_mb": memory,
+               "floor_vs_finetune": size.floor}
+        if "finetune" in medians:
+            row["vs_finetune"] = {m: medians[m] / medians["finetune"] for m in medians if m in ONE_PASS}
+        if "sequential" in medians:
+            row["speedup_vs_sequential"] = {m: medians["sequential"] / medians[m] for m in medians if m in ONE_PASS}
+        rows.append(row)
     result = {
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -197,23 +233,60 @@ def run_bench(args: BenchArgs) -> dict:
         "rows": rows,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_file(out, json.dumps(result, indent=2).encode())
     print(format_table(result))
+    if plot_sweep(result, out.with_suffix(".png")):
+        print(f"\nplot of the P sweep: {out.with_suffix('.png')}")
     print(f"\nwritten to {out}")
     return result
 
 
 def format_table(result: dict) -> str:
-    header = ("| size | B x T | P | N | A | one-pass s | sequential s | finetune s | speed-up vs sequential "
-              "| one-pass / finetune | peak MB one-pass / sequential / finetune |")
+    """One line per size and method; ratios are to fine-tuning (with the arithmetic floor) and to sequential."""
+    header = ("| size | B x T | P | N | A | method | step s | peak MB | × finetune (floor) | speed-up vs sequential |")
     lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads", "", header,
-             "|" + "---|" * 11]
+             "|" + "---|" * 10]
     for row in result["rows"]:
-        s, t, m = row["size"], row["median_s"], row["peak_mem_mb"]
-        mem = " / ".join(f"{m[k]:.0f}" for k in METHODS) if m else "-"
-        lines.append(f"| {s['name']} (h{s['hidden']}, {s['layers']}L) | {s['batch']} x {s['seq_len']} "
-                     f"| {s['positions']} | {s['latents']} | {s['ahead']} | {t['one_pass']:.3f} "
-                     f"| {t['sequential']:.3f} | {t['finetune']:.3f} | {row['speedup_vs_sequential']:.1f}x "
-                     f"| {row['one_pass_vs_finetune']:.2f}x | {mem} |")
+        s = row["size"]
+        for method, seconds in row["median_s"].items():
+            memory = f"{row['peak_mem_mb'][method]:.0f}" if row["peak_mem_mb"] else "-"
+            ratio = row.get("vs_finetune", {}).get(method)
+            ratio = f"{ratio:.2f}x ({row['floor_vs_finetune']:.2f}x)" if ratio is not None else "-"
+            speedup = row.get("speedup_vs_sequential", {}).get(method)
+            lines.append(f"| {s['name']} (h{s['hidden']}, {s['layers']}L) | {s['batch']} x {s['seq_len']} "
+                         f"| {s['positions']} | {s['latents']} | {s['ahead']} | {method} | {seconds:.3f} | {memory} "
+                         f"| {ratio} | {f'{speedup:.1f}x' if speedup else '-'} |")
     return "\n".join(lines)
+
+
+def plot_sweep(result: dict, path: Path) -> bool:
+    """Step time and peak memory against P, grouped vs dense (rows of the P sweep only); False if none."""
+    rows = [r for r in result["rows"] if r["size"]["name"] in SWEEP]
+    if len(rows) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if rows[0]["peak_mem_mb"] else 1, figsize=(9, 3.6), squeeze=False)
+    ps = [r["size"]["positions"] for r in rows]
+    for method, label in (("one_pass", "grouped (dca.attention)"), ("one_pass_dense", "dense mask")):
+        axes[0][0].plot(ps, [r["median_s"][method] for r in rows], "o-", label=label)
+        if rows[0]["peak_mem_mb"]:
+            axes[0][1].plot(ps, [r["peak_mem_mb"][method] for r in rows], "o-", label=label)
+    s = rows[0]["size"]
+    titles = ("one training step (s)", "peak memory (MB)")
+    for ax, title in zip(axes[0], titles, strict=False):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ps, [str(p) for p in ps])
+        ax.set_xlabel("insertion points P")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"T = {s['seq_len']}, N = {s['latents']}, A = {s['ahead']}, {s['layers']}-layer h{s['hidden']} "
+                 f"Llama, {result['device']}, {result['threads']} thread(s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
