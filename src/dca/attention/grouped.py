@@ -4,8 +4,8 @@ In the one-pass objective every query belongs to one of P groups laid after the 
 tokens, and a group sees a prefix of those tokens and, causally, itself (`dca.masks`). The dense path
 scores every query against all T + P·G keys, so its cost grows with P²; here each query is scored
 against the T prefix keys and the G keys of its own group only, and one softmax runs over the
-[T + G] scores: that is the log-sum-exp merge of the prefix part and the block-diagonal part, done
-in one step, so both the values and the gradients equal the dense computation.
+[T + G] scores -- the log-sum-exp merge of the prefix part and the block-diagonal part, written out --
+so both the values and the gradients equal the dense computation.
 
 It runs as an attention implementation of transformers (registered by `dca.attention` under
 `GROUPED`): `AugmentedLM` switches a model to it only for its group passes and hands it the
@@ -39,14 +39,14 @@ class GroupLayout:
     causal: bool = True  # within a group
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
-    def masks(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(to the prefix [B, P, G, T], within a group [G, G]) for layers with this window."""
+    def blocked(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What may NOT be attended, shaped for the scores: (prefix [B, 1, 1, P, G, T], group [G, G])."""
         if sliding_window not in self._masks:
-            self._masks[sliding_window] = (
-                prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
-                               sliding_window),
-                within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
-                                     device=self.insert_at.device))
+            to_prefix = prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
+                                       sliding_window)
+            to_group = within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
+                                            device=self.insert_at.device)
+            self._masks[sliding_window] = (~to_prefix[:, None, None], ~to_group)
         return self._masks[sliding_window]
 
 
@@ -87,14 +87,19 @@ def grouped_attention(
     if softcap is not None:
         scores_prefix = torch.tanh(scores_prefix / softcap) * softcap
         scores_group = torch.tanh(scores_group / softcap) * softcap
-    to_prefix, to_group = dca_groups.masks(sliding_window)
-    blocked = torch.finfo(scores_prefix.dtype).min  # as the dense path's additive mask: never -inf
-    scores_prefix = scores_prefix.masked_fill(~to_prefix[:, None, None], blocked)
-    scores_group = scores_group.masked_fill(~to_group, blocked)
-    # one softmax over [prefix | own group]: the exact log-sum-exp merge of the two parts
-    probs = torch.cat([scores_prefix, scores_group], dim=-1).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    out = (torch.einsum("bkrpgt,bktd->bkrpgd", probs[..., :prefix_len], v_prefix)
-           + torch.einsum("bkrpgh,bkphd->bkrpgd", probs[..., prefix_len:], v_group))
+    blocked_prefix, blocked_group = dca_groups.blocked(sliding_window)
+    low = torch.finfo(scores_prefix.dtype).min  # as the dense path's additive mask: never -inf
+    scores_prefix = scores_prefix.masked_fill(blocked_prefix, low).float()
+    scores_group = scores_group.masked_fill(blocked_group, low).float()
+    # the softmax over [prefix | own group], merged by hand (log-sum-exp): no concatenated copy, and backward
+    # keeps one exponentiated score matrix rather than a softmax output and its sliced copies
+    with torch.no_grad():  # any shift gives the same result: no gradient, and nothing kept for one
+        top = torch.maximum(scores_prefix.amax(-1, keepdim=True), scores_group.amax(-1, keepdim=True))
+    exp_prefix, exp_group = (scores_prefix - top).exp(), (scores_group - top).exp()
+    total = exp_prefix.sum(-1, keepdim=True) + exp_group.sum(-1, keepdim=True)
+    out = (torch.einsum("bkrpgt,bktd->bkrpgd", exp_prefix.to(query.dtype), v_prefix)
+           + torch.einsum("bkrpgh,bkphd->bkrpgd", exp_group.to(query.dtype), v_group))
+    out = (out.float() / total).to(query.dtype)
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
