@@ -84,3 +84,19 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert factors[0] < factors[5] < factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[100] == pytest.approx(0.1)
+
+
+def test_dense_attention_and_activation_checkpointing_train_alike(assets, tmp_path):
+    # the same losses and updates up to float rounding (Adam's normalised steps amplify rounding in weights
+    # whose gradients are near zero, so the run's losses are compared, not every weight)
+    train(args_for(assets, tmp_path / "grouped", steps=4))
+    train(args_for(assets, tmp_path / "dense", steps=4, group_attention="dense", activation_checkpointing=True))
+    records = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("grouped", "dense")]
+    for key in ("loss", "eval_loss"):
+        a = [r[key] for r in records[0] if key in r]
+        b = [r[key] for r in records[1] if key in r]
+        assert len(a) == len(b) > 1
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="group_attention must be one of"):
+        args_for(assets, tmp_path / "x", group_attention="sparse")

@@ -78,10 +78,16 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int) -> None:
-    """Replace checkpoint/ crash-safely; refuses (NonFiniteError) to write any non-finite tensor."""
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, *,
+                    optimizer_state: dict | None = None) -> None:
+    """Replace checkpoint/ crash-safely; refuses (NonFiniteError) to write any non-finite tensor.
+
+    `optimizer_state` replaces `optimizer.state_dict()`: a sharded optimiser's state gathered whole
+    (`dca.training.distributed`), in the layout of one process, so any number of processes resumes it.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    skeleton = _flatten({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                          "rng": rng_state()}, tensors, "state")
     check_finite(tensors, f"checkpoint of step {step}")
     files = adapter_files(model, run_dir / CHECKPOINT)
@@ -143,8 +149,10 @@ def check_run_identity(run_dir: Path, identity: dict[str, Any]) -> None:
             raise CheckpointError(f"{path} is damaged ({err}); delete the run folder to start again") from err
         differences = _differences(saved, identity)
         if differences:
-            raise ArgumentError("out", f"{run_dir} holds another run ({'; '.join(differences)}): use another --out, "
-                                       "or the same arguments, model and data to resume it")
+            hint = " (batch_size is the global batch: --batch-size x processes)" if any(
+                d.startswith("batch_size:") for d in differences) else ""
+            raise ArgumentError("out", f"{run_dir} holds another run ({'; '.join(differences)}){hint}: use another "
+                                       "--out, or the same arguments, model and data to resume it")
     if set(identity) - set(saved):
         write_file(path, json.dumps({**saved, **identity}, indent=2, sort_keys=True).encode())
 

@@ -8,6 +8,9 @@ so a run killed at any moment and started again ends with the weights of an unin
 and a rerun with other arguments, model or data is refused rather than mixed in. A step whose loss
 or gradient is not finite is skipped; too many in a row stop the run, keeping the last good checkpoint.
 
+Under ``torchrun`` K processes train as one process with K x ``--batch-size`` would, up to float reduction
+order (`dca.training.distributed`); rank 0 alone writes the run folder, which any number of processes resumes.
+
 Run folder:  args.json · run.json (identity) · metrics.jsonl · checkpoint/ (latest) · adapter/ (final)
 """
 
@@ -28,7 +31,9 @@ from tqdm.auto import tqdm
 
 from dca.adapter import decoder_fingerprint
 from dca.atomic import recover, write_file
+from dca.attention import GROUP_ATTENTION
 from dca.checks import (
+    check_choice,
     check_data_source,
     check_device,
     check_int,
@@ -41,6 +46,7 @@ from dca.errors import ArgumentError, DataError, TrainingDiverged
 from dca.eval.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
 from dca.resources import load_model, load_texts
+from dca.training import distributed
 from dca.training.checkpoint import (
     METRICS_FILE,
     check_run_identity,
@@ -52,11 +58,13 @@ from dca.training.checkpoint import (
     trim_metrics,
 )
 from dca.training.data import BatchSchedule, sample_positions, split_texts, tokenize_and_pack
+from dca.training.distributed import Processes
 
 # what does not change the trained weights: a rerun may differ in these and still resume
 # (the learning-rate schedule depends on `steps`, so it is part of a run; bf16 is recorded as resolved)
+# (how groups attend and whether activations are recomputed change float rounding only: a run may switch them)
 NOT_IDENTITY = ("out", "model", "data", "eval_every", "eval_sequences", "save_every", "device", "bf16", "progress",
-                "max_bad_steps")
+                "max_bad_steps", "group_attention", "activation_checkpointing")
 
 
 @dataclass
@@ -70,7 +78,8 @@ class TrainArgs:
     coprocessor: CoprocessorConfig = field(default_factory=CoprocessorConfig)
     positions: int = field(default=16, metadata=help_meta("P, insertion points sampled per sequence"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per packed training sequence"))
-    batch_size: int = field(default=4, metadata=help_meta("sequences per micro-batch"))
+    batch_size: int = field(default=4, metadata=help_meta("sequences per micro-batch and process (under torchrun "
+                                                          "the global batch is this x the processes)"))
     grad_accum: int = field(default=1, metadata=help_meta("micro-batches per optimiser step"))
     steps: int = field(default=200, metadata=help_meta("optimiser steps"))
     lr: float = field(default=1e-4, metadata=help_meta("peak learning rate"))
@@ -88,6 +97,10 @@ class TrainArgs:
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
     bf16: bool | None = field(default=None, metadata=help_meta("bf16 autocast (default: where the device supports it)"))
     progress: bool = field(default=True, metadata=help_meta("show a progress bar"))
+    group_attention: str = field(default="grouped", metadata=help_meta(
+        "how the P groups attend: grouped (linear in P) or the dense reference mask", GROUP_ATTENTION))
+    activation_checkpointing: bool = field(default=False, metadata=help_meta(
+        "keep only each layer's input in the group passes and recompute the rest in backward (less memory)"))
     max_bad_steps: int = field(default=5, metadata=help_meta("stop after this many consecutive steps whose loss or "
                                                               "gradient is not finite (each is skipped)"))
 
@@ -111,6 +124,7 @@ class TrainArgs:
         if self.positions > self.seq_len - 1:
             raise ArgumentError("positions", f"({self.positions}) must be below seq_len ({self.seq_len})")
         check_device("device", self.device)
+        check_choice("group_attention", self.group_attention, GROUP_ATTENTION)
         if isinstance(self.coprocessor, dict):  # from args.json
             self.coprocessor = CoprocessorConfig.from_dict(self.coprocessor)
 
@@ -120,16 +134,17 @@ class TrainArgs:
         check_data_source("data", self.data)
         check_writable_dir("out", self.out)
 
-    def identity(self) -> dict:
-        """The arguments that shape the trained weights (model and data count by content, in `train`)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+    def identity(self, world_size: int = 1) -> dict:
+        """The arguments that shape the trained weights (model and data count by content, in `train`).
+
+        The batch size is the global one, so K processes x batch B resume as one process x batch K*B.
+        """
+        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        return {**identity, "batch_size": self.batch_size * world_size}
 
 
 def resolve_device(device: str) -> torch.device:
-    check_device("device", device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return distributed.resolve_device(device)
 
 
 def lr_factor(step: int, args: TrainArgs) -> float:
@@ -148,7 +163,7 @@ class TrainingData:
     train_tokens: int
 
 
-def prepare_data(args: TrainArgs, tokenizer) -> TrainingData:
+def prepare_data(args: TrainArgs, tokenizer, world_size: int = 1) -> TrainingData:
     texts = load_texts(args.data, limit=args.max_docs)
     train_texts, held_out_texts = split_texts(texts, args.held_out_fraction)
     if not held_out_texts:
@@ -160,7 +175,8 @@ def prepare_data(args: TrainArgs, tokenizer) -> TrainingData:
         raise DataError("the held-out documents do not fill one sequence: lower seq_len or raise held_out_fraction")
     eval_positions = sample_positions(len(eval_seqs), args.seq_len, args.positions,
                                       torch.Generator().manual_seed(12345))
-    schedule = BatchSchedule(train_seqs, args.batch_size, args.positions, args.seed)
+    # the global batch: every process takes its rows of it (`Processes.rows`)
+    schedule = BatchSchedule(train_seqs, args.batch_size * world_size, args.positions, args.seed)
     return TrainingData(schedule, eval_seqs, eval_positions, train_seqs.numel())
 
 
@@ -180,82 +196,114 @@ def evaluate(model: AugmentedLM, data: TrainingData, batch_size: int, bf16: bool
 def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) -> Path:
     """Train (or resume) the run in `args.out`; returns the folder of the final adapter.
 
+    Under torchrun every process calls this (and `callback`, with the same record); rank 0 alone writes the
+    run folder, which every machine of a multi-node run must see (a shared file system).
+
     Raises:
         ArgumentError: a bad argument, or a run folder holding another run (before any training).
         TrainingDiverged: `max_bad_steps` consecutive non-finite steps; the last good checkpoint is kept.
     """
     args.check_sources()
-    run_dir = Path(args.out)
+    procs, device = distributed.setup(args.device)  # torchrun's environment and the device, before any loading
+    try:
+        adapter = _train(args, procs, device, callback)
+        procs.barrier()  # the group ends when every process is done with it
+        return adapter
+    finally:
+        procs.close()
+
+
+def _open_run(args: TrainArgs, run_dir: Path, world_size: int) -> int | None:
+    """The step of the run's checkpoint, once the arguments are known to be the run's (rank 0: it writes)."""
     done = checkpoint_step(run_dir)  # also finishes a checkpoint save that a kill interrupted
     if done is not None and args.steps < done:
         raise ArgumentError("steps", f"is {args.steps}, but the run in {run_dir} has already done {done} steps: "
                                      f"pass --steps {done} or more to finish it, or use another --out")
-    check_run_identity(run_dir, args.identity())  # arguments first: refused before anything is loaded
+    check_run_identity(run_dir, args.identity(world_size))  # arguments first: refused before anything is loaded
     recover(run_dir / "adapter")
-    device = resolve_device(args.device)
+    return done
+
+
+def _train(args: TrainArgs, procs: Processes, device: torch.device, callback) -> Path:
+    run_dir = Path(args.out)
+    done = procs.on_main(lambda: _open_run(args, run_dir, procs.world_size))
     bf16 = args.bf16 if args.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     decoder, tokenizer = load_model(args.model, device=device)
-    data = prepare_data(args, tokenizer)
-    check_run_identity(run_dir, {"decoder_fingerprint": decoder_fingerprint(decoder), "bf16": bf16,
-                                 "train_tokens_sha256": tensor_digest(data.schedule.sequences)})
-    write_file(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
+    data = prepare_data(args, tokenizer, procs.world_size)
+
+    def record_run() -> None:  # rank 0
+        check_run_identity(run_dir, {"decoder_fingerprint": decoder_fingerprint(decoder), "bf16": bf16,
+                                     "train_tokens_sha256": tensor_digest(data.schedule.sequences)})
+        write_file(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
+
+    procs.on_main(record_run)
     if done is not None:
         model, state = load_checkpoint(run_dir, decoder)
     else:
         model, state = AugmentedLM.from_decoder(decoder, args.coprocessor), None
+    model.group_attention, model.activation_checkpointing = args.group_attention, args.activation_checkpointing
     model.train()
+    procs.wrap(model)  # DDP or FSDP2 under torchrun; the optimiser then holds what they train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        procs.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
-    logged = trim_metrics(run_dir / METRICS_FILE, start_step)  # no step twice, no half-written line
+    # no step twice, no half-written line
+    step_0_logged = procs.on_main(lambda: any(r["step"] == 0 for r in trim_metrics(run_dir / METRICS_FILE,
+                                                                                    start_step)))
 
-    log = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 -- kept open for the whole run
-    trainable = sum(p.numel() for p in params)
-    print(f"[dca train] {args.model} on {args.data}: {len(data.schedule.sequences)} train sequences of "
-          f"{args.seq_len} tokens ({data.train_tokens:,} tokens), {len(data.eval_sequences)} held-out; "
-          f"{trainable:,} trainable parameters; device {device}{' bf16' if bf16 else ''}"
-          f"{f'; resuming at step {start_step}' if start_step else ''}", file=sys.stderr)
-    if not any(r["step"] == 0 for r in logged):
-        _log(log, {"step": 0, **evaluate(model, data, args.batch_size, bf16)})
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not args.progress,
-               desc="train", dynamic_ncols=True)
+    log = open(run_dir / METRICS_FILE, "a") if procs.is_main else None  # noqa: SIM115 -- open for the whole run
+    trainable = sum(p.numel() for p in params)  # a sharded parameter counts whole
+    if procs.is_main:
+        print(f"[dca train] {args.model} on {args.data}: {len(data.schedule.sequences)} train sequences of "
+              f"{args.seq_len} tokens ({data.train_tokens:,} tokens), {len(data.eval_sequences)} held-out; "
+              f"{trainable:,} trainable parameters; device {device}{' bf16' if bf16 else ''}{procs.describe()}"
+              f"{f'; resuming at step {start_step}' if start_step else ''}", file=sys.stderr)
+    if not step_0_logged:
+        _log(log, {"step": 0, **_evaluate(procs, data, args.batch_size, bf16)})
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
+               disable=not (args.progress and procs.is_main), desc="train", dynamic_ncols=True)
     bad_steps, last_saved = 0, start_step
     for step in bar:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = base_sum = targets = 0.0
         for micro in range(args.grad_accum):
-            input_ids, positions = data.schedule[step * args.grad_accum + micro]
-            with autocast(device, bf16):
-                out = model.training_loss(input_ids.to(device), positions.to(device), with_baseline=True)
-            (out.loss / args.grad_accum).backward()
+            input_ids, positions = map(procs.rows, data.schedule[step * args.grad_accum + micro])
+            with procs.gradient_sync(micro == args.grad_accum - 1):
+                with autocast(device, bf16):
+                    out = procs.run(AugmentedLM.training_loss, input_ids.to(device), positions.to(device),
+                                    with_baseline=True)
+                (procs.loss(out) / args.grad_accum).backward()
             loss_sum += float(out.token_losses.detach().sum())
             base_sum += float(out.baseline_token_losses.sum())
             targets += out.num_targets
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        loss_sum, base_sum, targets = procs.sum(loss_sum, base_sum, targets)  # every rank logs the same numbers
+        grad_norm = procs.clip_grad_norm(params, args.max_grad_norm)
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()
             bad_steps = 0
-            if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            if not procs.all_finite(params):
                 raise TrainingDiverged(f"step {step + 1}: the optimiser step made the weights non-finite (learning "
                                        f"rate {scheduler.get_last_lr()[0]:.3g}); the checkpoint of step {last_saved} "
                                        "is kept: lower --lr and start a new --out")
         else:
             bad_steps += 1
-            bar.write(f"step {step + 1}: {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} is not finite; "
-                      f"optimiser step skipped ({bad_steps} in a row, at most {args.max_bad_steps})", file=sys.stderr)
+            if procs.is_main:
+                bar.write(f"step {step + 1}: {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} is not "
+                          f"finite; optimiser step skipped ({bad_steps} in a row, at most {args.max_bad_steps})",
+                          file=sys.stderr)
         scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
-        tokens = args.grad_accum * args.batch_size * args.seq_len
+        tokens = args.grad_accum * args.batch_size * procs.world_size * args.seq_len
         record = {"step": step + 1, "loss": loss_sum / targets, "base_loss": base_sum / targets,
                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": tokens / (time.perf_counter() - started), **({} if finite else {"skipped": True})}
@@ -268,22 +316,33 @@ def train(args: TrainArgs, callback: Callable[[int, dict], None] | None = None) 
         bar.set_postfix(loss=f"{record['loss']:.3f}", base=f"{record['base_loss']:.3f}",
                         tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            record.update(evaluate(model, data, args.batch_size, bf16))
-            bar.write(f"step {step + 1}: held-out loss {record['eval_loss']:.4f} vs base {record['eval_base_loss']:.4f}"
-                      f" ({100 * record['eval_rel_ppl_change']:+.2f}% perplexity)")
+            record.update(_evaluate(procs, data, args.batch_size, bf16))
+            if procs.is_main:
+                bar.write(f"step {step + 1}: held-out loss {record['eval_loss']:.4f} vs base "
+                          f"{record['eval_base_loss']:.4f} ({100 * record['eval_rel_ppl_change']:+.2f}% perplexity)")
         _log(log, record)
         if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and finite:  # none within a bad streak
-            save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
+            procs.save(lambda state, step=step: save_checkpoint(run_dir, model, optimizer, scheduler, step + 1,
+                                                                optimizer_state=state), optimizer)
             last_saved = step + 1
         if callback is not None:
             callback(step + 1, record)
     bar.close()
-    log.close()
-    return model.save_pretrained(run_dir / "adapter")
+    if log is not None:
+        log.close()
+    return procs.save(lambda _: model.save_pretrained(run_dir / "adapter"))
+
+
+def _evaluate(procs: Processes, data: TrainingData, batch_size: int, bf16: bool) -> dict:
+    """`evaluate` on every rank, through the wrapper (FSDP2 gathers each layer as it runs); no gradients."""
+    with torch.no_grad():
+        return procs.run(evaluate, data, batch_size, bf16)
 
 
 def _log(handle, record: dict) -> None:
-    """One JSON line; non-finite numbers are written as null (JSON has no NaN)."""
+    """One JSON line (rank 0 only: the others have no handle); non-finite numbers are written as null."""
+    if handle is None:
+        return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     handle.write(json.dumps(clean, allow_nan=False) + "\n")
     handle.flush()
