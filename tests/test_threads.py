@@ -103,3 +103,47 @@ def test_concurrent_generate_calls_equal_single_threaded_ones():
     together = run_in_threads(generate, inputs)
     assert all(torch.equal(a, t) for a_row, t_row in zip(alone, together, strict=True)
                for a, t in zip(a_row, t_row, strict=True))
+
+
+def test_training_loss_in_one_thread_and_augment_in_others_equal_single_threaded_results():
+    from tiny_models import VOCAB, tiny_decoder
+
+    from dca import AugmentedLM, CoprocessorConfig
+
+    torch.manual_seed(0)
+    model = AugmentedLM.from_decoder(tiny_decoder("llama", "eager"), CoprocessorConfig(
+        num_latents=2, num_ahead=3, gate_init=0.5))
+    batch, positions = torch.randint(0, VOCAB, (2, 16)), torch.tensor([[3, 8, 12], [2, 7, 13]])
+    prompts = [torch.randint(0, VOCAB, (1, 5 + i % 4)) for i in range(12)]
+    with torch.no_grad():
+        loss_alone = model.training_loss(batch, positions).token_losses
+        augment_alone = [model.augment(p).logits for p in prompts]
+    errors, losses, logits = [], [], {}
+
+    def train_loop():
+        try:
+            for _ in range(6):
+                with torch.no_grad():
+                    losses.append(model.training_loss(batch, positions).token_losses)
+        except Exception as err:  # noqa: BLE001 -- reported below
+            errors.append(err)
+
+    def augment_loop(worker):
+        try:
+            for i in range(worker, len(prompts), 3):
+                with torch.no_grad():
+                    logits[i] = model.augment(prompts[i]).logits
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=train_loop)] + [threading.Thread(target=augment_loop, args=(w,))
+                                                       for w in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for loss in losses:
+        assert torch.equal(loss, loss_alone)
+    for i, expected in enumerate(augment_alone):
+        assert torch.equal(logits[i], expected), i

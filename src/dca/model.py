@@ -230,9 +230,11 @@ class AugmentedLM(nn.Module):
         """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`."""
         position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
                                           layout=self.coprocessor.config.latent_positions)
-        if grouped:  # no mask at all: the layout goes to `grouped_attention` through transformers' kwargs
-            return None, position_ids, {"dca_groups": GroupLayout(attention_mask, prefix_pos, positions, group_size,
-                                                                  causal)}
+        if grouped:  # the layout goes to `grouped_attention` through transformers' kwargs; the mask is a token
+            # 4D placeholder, so that transformers builds none (grouped_attention ignores it)
+            placeholder = torch.zeros(attention_mask.shape[0], 1, 1, 1, device=attention_mask.device)
+            return placeholder, position_ids, {"dca_groups": GroupLayout(attention_mask, prefix_pos, positions,
+                                                                         group_size, causal)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype

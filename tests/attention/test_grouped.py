@@ -61,14 +61,20 @@ def test_grouped_equals_dense_when_groups_outgrow_the_sliding_window(family):
     assert_grouped_equals_dense(model, input_ids, torch.tensor([[2, 10, 20], [4, 15, 27]]))
 
 
-def test_the_models_attention_implementation_is_restored_and_required_by_the_grouped_function():
-    model = AugmentedLM.from_decoder(tiny_decoder("llama", "sdpa"), CoprocessorConfig(num_latents=2, num_ahead=2))
+@pytest.mark.parametrize(("family", "impl"), [("llama", "sdpa"), ("gemma2", "eager"), ("gpt2", "eager")])
+def test_the_implementation_is_restored_and_calls_without_groups_meanwhile_run_it(family, impl):
+    from dca.attention import use_grouped_attention
+
+    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(num_latents=2, num_ahead=2))
     model.training_loss(torch.randint(0, VOCAB, (1, 10)), torch.tensor([[3, 6]]))
-    assert model.decoder.config._attn_implementation == "sdpa"
-    assert model.coprocessor.body.config._attn_implementation == "sdpa"
-    model.decoder.config._attn_implementation = GROUPED
-    with pytest.raises(RuntimeError, match="runs only inside AugmentedLM.training_loss"):
-        model.decoder(torch.randint(0, VOCAB, (1, 4)))
+    assert model.decoder.config._attn_implementation == impl
+    assert model.coprocessor.body.config._attn_implementation == impl
+    ids = torch.randint(0, VOCAB, (2, 9))
+    plain = model.decoder(ids).logits
+    with use_grouped_attention(model.decoder), use_grouped_attention(model.decoder):  # nested: counted
+        assert model.decoder.config._attn_implementation == GROUPED
+        torch.testing.assert_close(model.decoder(ids).logits, plain, rtol=0, atol=0)  # no groups: as before
+    assert model.decoder.config._attn_implementation == impl
 
 
 def test_an_unknown_group_attention_is_refused():

@@ -17,11 +17,14 @@ count cache slots, as `dca.masks` explains), logit softcapping (Gemma 2) and pad
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dca.masks import prefix_allowed, within_group_allowed
 
@@ -64,9 +67,9 @@ def grouped_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface; returns ([B, P*G, H, D], no weights)."""
-    if dca_groups is None:
-        raise RuntimeError(f"the {GROUPED!r} attention implementation runs only inside AugmentedLM.training_loss "
-                           "(it needs the groups' layout); was the model called from another thread meanwhile?")
+    if dca_groups is None:  # a call without groups while a group pass has switched the model: run as before
+        return base_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
     if dropout:
         raise ValueError("grouped attention has no dropout: the decoder and coprocessor run without it")
     batch, heads, q_len, dim = query.shape
@@ -112,19 +115,38 @@ def _configs(models: tuple[nn.Module | None, ...]) -> list:
     return configs
 
 
+_switch = threading.Lock()
+
+
+def base_attention(module: nn.Module) -> Callable:
+    """The implementation a model had before `use_grouped_attention` switched it: what a call without
+    groups (another thread's `augment`, say) runs meanwhile."""
+    name = getattr(module.config, "_dca_base_attention", module.config._attn_implementation)
+    if name == "eager" or name == GROUPED:  # every transformers model file defines its own eager attention
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
 @contextlib.contextmanager
 def use_grouped_attention(*models: nn.Module | None) -> Iterator[None]:
     """Run these models' attention layers as `grouped_attention` inside the block.
 
-    transformers looks the implementation up in each model's config at every call; it is switched
-    back on the way out. Not meant to overlap other calls of the same models from other threads.
+    transformers looks the implementation up in each model's config at every call. The switch is
+    counted, so overlapping blocks from several threads restore the model only when the last one ends,
+    and calls without groups meanwhile run the model's own implementation (`base_attention`).
     """
     configs = _configs(models)
-    saved = [config._attn_implementation for config in configs]
-    for config in configs:
-        config._attn_implementation = GROUPED
+    with _switch:
+        for config in configs:
+            if getattr(config, "_dca_grouped_users", 0) == 0:
+                config._dca_base_attention = config._attn_implementation
+                config._attn_implementation = GROUPED
+            config._dca_grouped_users = getattr(config, "_dca_grouped_users", 0) + 1
     try:
         yield
     finally:
-        for config, implementation in zip(configs, saved, strict=True):
-            config._attn_implementation = implementation
+        with _switch:
+            for config in configs:
+                config._dca_grouped_users -= 1
+                if config._dca_grouped_users == 0:
+                    config._attn_implementation = config._dca_base_attention
