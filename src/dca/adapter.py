@@ -187,10 +187,17 @@ def read_tensors(path: Path, sha256: str, recorded_in: str, error: type[Exceptio
 def load_adapter(path: str | Path, decoder: PreTrainedModel) -> AugmentedLM:
     from dca.model import AugmentedLM
 
-    if not isinstance(decoder, PreTrainedModel):
-        raise TypeError(f"loading a coprocessor needs the decoder it was trained for (a transformers "
-                        f"PreTrainedModel, e.g. from dca.resources.load_model), got {type(decoder).__name__}")
     path = Path(path)
+    if not isinstance(decoder, PreTrainedModel):
+        try:
+            name = read_adapter_config(path)["base_model"].get("name_or_path")
+        except AdapterError:
+            name = None
+        raise TypeError(f"loading the coprocessor in {path} needs the decoder it was trained for"
+                        f"{f' ({name})' if name else ''}, a transformers PreTrainedModel; got "
+                        f"{type(decoder).__name__}. It needs the frozen decoder loaded first, e.g. decoder = "
+                        "transformers.AutoModelForCausalLM.from_pretrained(name_or_path) or "
+                        "dca.resources.load_model(name)")
     meta = read_adapter_config(path)
     check_decoder_matches(meta["base_model"], decoder, path, meta["format_version"])
     weights_file = path / WEIGHTS_NAME

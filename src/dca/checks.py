@@ -8,6 +8,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dca.errors import ArgumentError
 
 
@@ -35,8 +37,6 @@ def check_number(name: str, value: Any, *, low: float = -math.inf, high: float =
 
 def check_device(name: str, value: str) -> None:
     """"auto", or a torch device string whose device exists here."""
-    import torch
-
     if value == "auto":
         return
     try:
@@ -50,6 +50,12 @@ def check_device(name: str, value: str) -> None:
             raise ArgumentError(name, f"is {value!r}, but there are only {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu" and not getattr(torch, device.type).is_available():
         raise ArgumentError(name, f"is {value!r}, which is not available on this machine")
+
+
+def resolve_device(name: str, value: str) -> torch.device:
+    """`value` checked (`check_device`) as a torch device; "auto" is a GPU if there is one."""
+    check_device(name, value)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if value == "auto" else torch.device(value)
 
 
 def _looks_like_path(value: str) -> bool:

@@ -96,11 +96,7 @@ class AugmentedLM(nn.Module):
         """Load a coprocessor saved by `save_pretrained` onto the decoder it was trained for."""
         from dca.adapter import load_adapter
 
-        if decoder is None:
-            raise TypeError(f"AugmentedLM.from_pretrained({str(path)!r}, decoder) needs the frozen decoder the "
-                            f"coprocessor was trained for{_base_model_hint(path)}: load it first, e.g. decoder = "
-                            "transformers.AutoModelForCausalLM.from_pretrained(name_or_path)")
-        return load_adapter(path, decoder)
+        return load_adapter(path, decoder)  # which says what to do when no decoder is given
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the coprocessor as config JSON + safetensors (atomically)."""
@@ -389,19 +385,6 @@ def _check_context(config: PretrainedConfig, what: str, largest_position: int, c
     if rotary and context > limit:
         raise ValueError(f"{what} fill {context} cache slots, more than the decoder's context of "
                          f"max_position_embeddings={limit}: shorten the input")
-
-
-def _base_model_hint(path: str | Path) -> str:
-    """' (name)' if the saved adapter names the decoder it was trained for."""
-    import json
-
-    from dca.adapter import CONFIG_NAME
-
-    try:
-        name = json.loads((Path(path) / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f" ({name})" if name else ""
 
 
 def _check_positions(positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

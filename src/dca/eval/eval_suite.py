@@ -28,6 +28,7 @@ from dca.checks import (
     check_model_source,
     check_number,
     check_writable_dir,
+    resolve_device,
 )
 from dca.config import help_meta
 from dca.errors import ArgumentError, ResourceError
@@ -36,7 +37,6 @@ from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_
 from dca.model import AugmentedLM
 from dca.resources import load_model
 from dca.studies.demo import SHIPPED, plot_positions, resolve_coprocessor
-from dca.training.train import resolve_device
 
 # PAPER.md Table 1 (Gemma-2 2B), relative perplexity change (%) by latent count
 PAPER_TABLE1 = {8: [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55], 16: [-2.48, -2.41, -1.98, -1.56, -1.08, -0.64],
@@ -130,7 +130,7 @@ def run_eval(args: EvalArgs) -> dict:
         items = {name: BENCHMARKS[name].load(args.limit, args.seed) for name in args.benchmarks}
     except ModuleNotFoundError as err:
         raise ResourceError(str(err)) from None
-    decoder, tokenizer = load_model(args.model, device=resolve_device(args.device))
+    decoder, tokenizer = load_model(args.model, device=resolve_device("device", args.device))
     models = {_label(p): AugmentedLM.from_pretrained(resolve_coprocessor(p), decoder) for p in args.coprocessors}
     latents = {name: m.coprocessor.config.num_latents for name, m in models.items()}
     result: dict = {"command": command, "args": asdict(args), "coprocessors": {

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dca.checks import check_device
+from dca.checks import resolve_device as resolve_device_checked
 from dca.errors import ArgumentError, DCAError
 
 T = TypeVar("T")
@@ -54,10 +54,7 @@ def _env_int(name: str, default: int | None = None) -> int:
 
 def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     """`device` as a torch device; under torchrun a GPU is the process's own, cuda:LOCAL_RANK."""
-    check_device("device", device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    resolved = resolve_device_checked("device", device)
     if local_rank is None:
         return resolved
     if resolved.type == "cpu":

@@ -143,10 +143,6 @@ class TrainArgs:
         return {**identity, "batch_size": self.batch_size * world_size}
 
 
-def resolve_device(device: str) -> torch.device:
-    return distributed.resolve_device(device)
-
-
 def lr_factor(step: int, args: TrainArgs) -> float:
     """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
     if step < args.warmup_steps:
