@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,data]'
+	$(BIN)/pip install -q -e '.[dev,data,serve]'
 	# dca.eval.harness needs only lm_eval's API; its own deps (metrics packages) are not used
 	$(BIN)/pip install -q --no-deps lm_eval==0.4.13
 	touch $(STAMP)
