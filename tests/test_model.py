@@ -18,9 +18,9 @@ def make_model(family="llama", impl="sdpa", **config):
     return AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(**config)).eval()
 
 
-def assert_matches_sequential(model, input_ids, positions, attention_mask=None):
+def assert_matches_sequential(model, input_ids, positions, attention_mask=None, delays=None):
     """Every group's losses from the one-pass objective equal the per-position computation."""
-    out = model.training_loss(input_ids, positions, attention_mask)
+    out = model.training_loss(input_ids, positions, attention_mask, delays=delays)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     checked = 0
     for b in range(input_ids.shape[0]):
@@ -29,7 +29,8 @@ def assert_matches_sequential(model, input_ids, positions, attention_mask=None):
         offset = int((~real).long().cumsum(0)[real].min())  # left-padding shift
         for p, t in enumerate(positions[b].tolist()):
             with torch.no_grad():
-                reference = sequential_group_losses(model, row, t - offset)
+                delay = 0 if delays is None else int(delays[b, p])
+                reference = sequential_group_losses(model, row, t - offset, delay)
             fast = out.token_losses[b, p][out.target_mask[b, p]]
             assert fast.shape == reference.shape, (b, t)
             torch.testing.assert_close(fast, reference, rtol=RTOL, atol=1e-6)
@@ -58,6 +59,60 @@ def test_training_loss_equals_sequential_when_latents_take_no_positions(family, 
     input_ids = torch.randint(0, VOCAB, (2, 24))
     # t = 0 and 1: the replayed positions are clamped at the first token
     assert_matches_sequential(model, input_ids, torch.tensor([[0, 9, 21, 22], [1, 13, 17, 20]]))
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_delayed_latents_equal_sequential_late_insertion(family, impl, layout):
+    # latents from x[0..t] inserted after x[t+d]: d = 0 beside d > 0, delays past the ahead window, the last slot
+    model = make_model(family, impl, latent_positions=layout, latent_anchor="replay", gate_init=0.3)
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    positions = torch.tensor([[0, 4, 9, 19], [1, 5, 13, 20]])
+    delays = torch.tensor([[3, 0, 2, 3], [1, 7, 2, 2]])
+    out = assert_matches_sequential(model, input_ids, positions, delays=delays)
+    assert out.target_mask[0, 3].sum() == 1 and out.target_mask[1, 3].sum() == 1  # s = 22: one target left
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_delayed_latents_with_right_and_left_padding(family):
+    model = make_model(family, "eager", latent_positions="replay", latent_anchor="replay", gate_init=0.3)
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    right, left = torch.ones_like(input_ids), torch.ones_like(input_ids)
+    right[0, 16:] = 0
+    right[2, 18:] = 0
+    left[1, :4] = 0
+    delays = torch.tensor([[2, 0, 3], [1, 3, 2], [3, 1, 0]])
+    assert_matches_sequential(model, input_ids, torch.tensor([[3, 10, 12], [2, 11, 13], [0, 7, 16]]), right, delays)
+    assert_matches_sequential(model, input_ids, torch.tensor([[6, 10, 12], [4, 11, 13], [0, 7, 16]]), left, delays)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "dense"])
+def test_zero_delays_are_bit_identical_to_no_delays(mode):
+    model = make_model("gemma3", "eager")
+    model.group_attention = mode
+    torch.manual_seed(4)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    positions = torch.tensor([[0, 9, 21, 22], [5, 13, 17, 20]])
+    plain = model.training_loss(input_ids, positions, with_baseline=True)
+    zero = model.training_loss(input_ids, positions, with_baseline=True, delays=torch.zeros_like(positions))
+    assert torch.equal(plain.token_losses, zero.token_losses)
+    assert torch.equal(plain.baseline_token_losses, zero.baseline_token_losses)
+    late = model.training_loss(input_ids, positions, delays=(positions < 22).long())
+    assert not torch.equal(plain.token_losses, late.token_losses)  # the delays reach the computation
+
+
+@pytest.mark.parametrize(("delays", "message"), [
+    (torch.tensor([[0, -1]]), "delays must be >= 0"),
+    (torch.tensor([[0, 1, 2]]), "shaped like positions"),
+    (torch.tensor([[0.0, 1.0]]), "LongTensor"),
+    (torch.tensor([[0, 4]]), "delayed insertion positions must lie in"),
+])
+def test_training_loss_rejects_bad_delays(delays, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        model.training_loss(torch.randint(0, VOCAB, (1, 12)), torch.tensor([[2, 7]]), delays=delays)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -22,6 +22,15 @@ Under "shared" and "replay" the latents take cache slots but no positions. Slidi
 over cache slots, not position ids, because that is what the decoder's own masks do at inference
 (its window counts cache entries): a group member is always ``1 + k`` slots after token t.
 
+Late latents (asynchronous augmentation, `training_loss(delays=...)`): latents computed from x[0..t]
+that arrive d tokens late are inserted after x[s], s = t + d, and every function here is then called
+with s as the group's insertion point: the group sees x[0..s] and itself, its latents take the
+positions the layout gives latents inserted after x[s] (``"after"``: pos(s)+1 .. pos(s)+N;
+``"shared"``: pos(s); ``"replay"``: the positions of x[s-N+1 .. s]) and the text resumes as after s.
+The latents keep the content of time t (the coprocessor's soft tokens sit at t), but the decoder sees
+them laid out exactly as synchronous ones, so the offsets between latents and the text after them
+are those it was trained with; with d = 0 nothing changes.
+
 Masks are additive floats (0 = attend, dtype minimum = blocked): transformers' eager attention
 silently ignores a boolean 4D mask, and -inf turns fully blocked rows into NaNs.
 """

@@ -129,7 +129,7 @@ class AugmentedLM(nn.Module):
     # ------------------------------------------------------------------ training: one pass, P groups
     def training_loss(self, input_ids: torch.Tensor, positions: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *, with_baseline: bool = False,
-                      num_ahead: int | None = None) -> TrainingLoss:
+                      num_ahead: int | None = None, delays: torch.Tensor | None = None) -> TrainingLoss:
         """The paper's objective for P insertion points per row, in one pass over the batch.
 
         Args:
@@ -138,6 +138,10 @@ class AugmentedLM(nn.Module):
             attention_mask: [B, T], 1 for real tokens (left or right padding).
             with_baseline: also score the same targets without augmentation (costs one LM head).
             num_ahead: score this many ahead tokens instead of the config's A (evaluation by position).
+            delays: [B, P] d >= 0 per group (delay-robust training, asynchronous evaluation): the latents, still
+                computed from x[0..t], are inserted after x[t+d]; the group sees x[0..t+d] and itself, sits where
+                a group inserted at t+d would (`dca.masks.group_position_ids` at t+d) and is scored on
+                x[t+d+1 .. t+d+A]. None: no delay (bit-identical to all zeros).
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
@@ -150,19 +154,22 @@ class AugmentedLM(nn.Module):
                              f"got {num_ahead!r}")
         input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
         positions = _check_positions(positions, attention_mask)
+        # where each group's latents are inserted: after t, or d tokens later (the decoder's side of every group)
+        inserted = positions if delays is None else _check_positions(positions + _check_delays(delays, positions),
+                                                                     attention_mask, "delayed insertion positions")
         n, a = config.num_latents, config.num_ahead if num_ahead is None else num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
         arange_a = torch.arange(1, a + 1, device=input_ids.device)
-        target_index = positions[:, :, None] + arange_a  # [B, P, A]: x[t+1 .. t+A]
+        target_index = inserted[:, :, None] + arange_a  # [B, P, A]: x[s+1 .. s+A], s = t + d
         in_bounds = target_index < input_ids.shape[1]
         target_index = target_index.clamp(max=input_ids.shape[1] - 1)
         target_mask = in_bounds & attention_mask.gather(1, target_index.flatten(1)).view_as(in_bounds).bool()
         targets = input_ids.gather(1, target_index.flatten(1)).view_as(target_index)
         group = n + a - 1
         # members after a group's last target are computed but unused: only the others must fit the context
-        group_pos = group_position_ids(prefix_pos, positions, group, num_latents=n, layout=config.latent_positions)
+        group_pos = group_position_ids(prefix_pos, inserted, group, num_latents=n, layout=config.latent_positions)
         needed = torch.cat([target_mask.new_ones(*positions.shape, n), target_mask[:, :, 1:]], dim=2)
-        real_before = prefix_pos.gather(1, positions) + 1  # real tokens x[0..t]
+        real_before = prefix_pos.gather(1, inserted) + 1  # real tokens x[0..s]
         _check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
                        max(int(prefix_pos.max()), int(group_pos.view_as(needed)[needed].max())),
                        max(int(attention_mask.sum(1).max()), int((real_before + needed.sum(2)).max())))
@@ -189,12 +196,12 @@ class AugmentedLM(nn.Module):
                 latents = coprocessor(prefix_view(cache), soft_mask, soft_pos,
                                       anchor=self._latent_anchor(input_ids, attention_mask, positions), **soft_kwargs)
 
-        # 3. the decoder: P groups of [latents, x[t+1 .. t+A-1]]
+        # 3. the decoder: P groups of [latents, x[s+1 .. s+A-1]] after x[0..s]
         ahead = self._embed(targets[:, :, : a - 1])  # [B, P, A-1, H]
         embeds = torch.cat([latents.view(*positions.shape, n, -1), ahead.to(latents.dtype)], dim=2).flatten(1, 2)
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
-        mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, positions, group, causal=True,
+        mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, inserted, group, causal=True,
                                                    num_latents=n, grouped=grouped)
         limit = _position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
@@ -387,15 +394,25 @@ def _check_context(config: PretrainedConfig, what: str, largest_position: int, c
                          f"max_position_embeddings={limit}: shorten the input")
 
 
-def _check_positions(positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _check_positions(positions: torch.Tensor, attention_mask: torch.Tensor,
+                     what: str = "insertion positions") -> torch.Tensor:
     if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.dtype != torch.long:
         raise ValueError("positions must be a LongTensor [batch, P] of insertion indices")
     if positions.shape[0] != attention_mask.shape[0] or positions.shape[1] == 0:
         raise ValueError(f"positions {tuple(positions.shape)} must be [batch={attention_mask.shape[0]}, P>=1]")
     length = attention_mask.shape[1]
     if bool((positions < 0).any()) or bool((positions > length - 2).any()):
-        raise ValueError(f"insertion positions must lie in [0, {length - 2}] (each needs a following token), "
+        raise ValueError(f"{what} must lie in [0, {length - 2}] (each needs a following token), "
                          f"got min {int(positions.min())}, max {int(positions.max())}")
     if not bool(attention_mask.gather(1, positions).bool().all()):
-        raise ValueError("every insertion position must be a real token, not padding")
+        raise ValueError(f"every one of the {what} must be a real token, not padding")
     return positions
+
+
+def _check_delays(delays: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    if not isinstance(delays, torch.Tensor) or delays.dtype != torch.long or delays.shape != positions.shape:
+        raise ValueError(f"delays must be a LongTensor shaped like positions {tuple(positions.shape)}, got "
+                         f"{getattr(delays, 'dtype', type(delays))} {tuple(getattr(delays, 'shape', ()))}")
+    if bool((delays < 0).any()):
+        raise ValueError(f"delays must be >= 0 (tokens decoded before the latents arrive), got {int(delays.min())}")
+    return delays

@@ -9,29 +9,54 @@ implementation trains with (one such computation per position), which `dca bench
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
+from dca.masks import group_position_ids
 from dca.model import AugmentedLM
 
 
-def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int) -> torch.Tensor:
-    """Cross-entropy of each existing ahead token x[t+1 .. t+A] of one unpadded row [1, T].
+def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int, delay: int = 0) -> torch.Tensor:
+    """Cross-entropy of each existing ahead token x[s+1 .. s+A], s = t + delay, of one unpadded row [1, T].
 
-    Differentiable when called with gradients enabled.
+    With a delay the latents are those `augment` computes from x[0..t], inserted after x[0..s] read plainly,
+    at the position ids a group inserted at s takes (`insert_latents`). Differentiable when called with
+    gradients enabled.
     """
     num_ahead = model.coprocessor.config.num_ahead
-    prompt = input_ids[:, : t + 1]
-    targets = input_ids[0, t + 1 : t + 1 + num_ahead]
+    s = t + delay
+    targets = input_ids[0, s + 1 : s + 1 + num_ahead]
     if len(targets) == 0:
         return torch.zeros(0, device=input_ids.device)
-    out = model.augment_with_grad(prompt)
+    out = model.augment_with_grad(input_ids[:, : t + 1])
+    if delay:
+        out = insert_latents(model, input_ids[:, : s + 1], out.latents)
     losses = [F.cross_entropy(out.logits.float(), targets[:1])]
     if len(targets) > 1:
         steps = torch.arange(len(targets) - 1, device=input_ids.device)
-        cont = model.decoder(input_ids=input_ids[:, t + 1 : t + len(targets)], attention_mask=torch.ones(
+        cont = model.decoder(input_ids=input_ids[:, s + 1 : s + len(targets)], attention_mask=torch.ones(
             1, out.attention_mask.shape[1] + len(targets) - 1, dtype=torch.long, device=input_ids.device),
             position_ids=out.next_position_ids + steps, past_key_values=out.past_key_values, use_cache=True)
         losses.append(F.cross_entropy(cont.logits[0].float(), targets[1:], reduction="none"))
     return torch.cat([loss.reshape(-1) for loss in losses])
 
+
+def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor) -> SimpleNamespace:
+    """Read the unpadded row `text` [1, S] plainly, then write `latents` after its last token, laid out as
+    `augment` lays out latents computed at that token: what a late insertion is defined to be."""
+    config = model.coprocessor.config
+    n, length = config.num_latents, text.shape[1]
+    cache = DynamicCache()
+    model.decoder(input_ids=text, past_key_values=cache, use_cache=True)
+    prefix_pos = torch.arange(length, device=text.device)[None]
+    last = torch.tensor([[length - 1]], device=text.device)
+    latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions)
+    mask = torch.ones(1, length + n, dtype=torch.long, device=text.device)
+    out = model.decoder(inputs_embeds=latents, attention_mask=mask, position_ids=latent_pos, past_key_values=cache,
+                        use_cache=True)
+    next_pos = torch.tensor([[length + config.positions_taken]], device=text.device)
+    return SimpleNamespace(past_key_values=cache, logits=out.logits[:, -1], attention_mask=mask,
+                           next_position_ids=next_pos)

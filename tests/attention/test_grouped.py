@@ -10,18 +10,18 @@ from dca.attention import GROUPED
 IMPLS = [(f, i) for f in FAMILIES for i in ("eager", "sdpa") if not (f == "gemma2" and i == "sdpa")]
 
 
-def loss_and_grads(model, mode, input_ids, positions, attention_mask):
+def loss_and_grads(model, mode, input_ids, positions, attention_mask, delays=None):
     model.group_attention = mode
     model.zero_grad(set_to_none=True)
-    out = model.training_loss(input_ids, positions, attention_mask)
+    out = model.training_loss(input_ids, positions, attention_mask, delays=delays)
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-def assert_grouped_equals_dense(model, input_ids, positions, attention_mask=None):
-    dense, dense_grads = loss_and_grads(model, "dense", input_ids, positions, attention_mask)
-    grouped, grouped_grads = loss_and_grads(model, "grouped", input_ids, positions, attention_mask)
+def assert_grouped_equals_dense(model, input_ids, positions, attention_mask=None, delays=None):
+    dense, dense_grads = loss_and_grads(model, "dense", input_ids, positions, attention_mask, delays)
+    grouped, grouped_grads = loss_and_grads(model, "grouped", input_ids, positions, attention_mask, delays)
     torch.testing.assert_close(grouped.token_losses, dense.token_losses, rtol=1e-5, atol=1e-6)
     assert grouped_grads.keys() == dense_grads.keys() and len(dense_grads) > 0
     for name, grad in dense_grads.items():
@@ -51,6 +51,26 @@ def test_grouped_equals_dense_with_padding(family, impl, config):
     assert_grouped_equals_dense(model, input_ids, positions, attention_mask)
 
 
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+@pytest.mark.parametrize("layout", ["replay", "after"])
+def test_grouped_equals_dense_with_delays(family, impl, layout):
+    # each group's prefix ends at its own t + d, while its coprocessor group still ends at t
+    torch.manual_seed(0)
+    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(
+        num_latents=3, num_ahead=4, gate_init=0.5, latent_positions=layout, lora_rank=2))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 15:] = 0  # right padding
+    positions = torch.tensor([[0, 6, 12, 17], [5, 9, 14, 15], [1, 7, 11, 13]])
+    delays = torch.tensor([[3, 0, 2, 1], [1, 3, 0, 2], [2, 1, 3, 0]])
+    assert_grouped_equals_dense(model, input_ids, positions, attention_mask, delays)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_grouped_equals_dense_when_groups_outgrow_the_sliding_window(family):
     # windows of 5 and 6 slots, groups of 3 + 8 - 1 = 10 members: both parts of the mask are windowed
@@ -59,6 +79,8 @@ def test_grouped_equals_dense_when_groups_outgrow_the_sliding_window(family):
         num_latents=3, num_ahead=8, gate_init=0.5))
     input_ids = torch.randint(0, VOCAB, (2, 30))
     assert_grouped_equals_dense(model, input_ids, torch.tensor([[2, 10, 20], [4, 15, 27]]))
+    assert_grouped_equals_dense(model, input_ids, torch.tensor([[2, 10, 20], [4, 15, 25]]),
+                                delays=torch.tensor([[3, 1, 2], [0, 3, 3]]))
 
 
 @pytest.mark.parametrize(("family", "impl"), [("llama", "sdpa"), ("gemma2", "eager"), ("gpt2", "eager")])

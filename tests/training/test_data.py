@@ -55,3 +55,17 @@ def test_batch_schedule_is_a_function_of_seed_and_index():
     assert not torch.equal(a[0][0], BatchSchedule(seqs, 4, 3, seed=2)[0][0])
     with pytest.raises(ValueError, match="training sequences"):
         BatchSchedule(seqs[:2], 4, 3, seed=0)
+
+
+def test_delays_leave_the_batches_and_positions_of_a_run_without_them():
+    seqs = torch.arange(40 * 12).view(40, 12)
+    plain, late = BatchSchedule(seqs, 4, 5, seed=1), BatchSchedule(seqs, 4, 5, seed=1, max_delay=3)
+    counts = torch.zeros(4, dtype=torch.long)
+    for k in range(30):
+        ids, positions, delays = late[k]
+        assert plain[k][2] is None and torch.equal(plain[k][0], ids) and torch.equal(plain[k][1], positions)
+        assert delays.shape == positions.shape and int(delays.min()) >= 0 and int(delays.max()) <= 3
+        assert bool((positions + delays <= 12 - 2).all())  # x[t+d+1] exists
+        counts += torch.bincount(delays.flatten(), minlength=4)
+    assert bool((counts > 60).all())  # every delay 0..3 is drawn (600 draws)
+    assert torch.equal(late[7][2], BatchSchedule(seqs, 4, 5, seed=1, max_delay=3)[7][2])

@@ -100,3 +100,22 @@ def test_dense_attention_and_activation_checkpointing_train_alike(assets, tmp_pa
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="group_attention must be one of"):
         args_for(assets, tmp_path / "x", group_attention="sparse")
+
+
+def test_max_delay_trains_with_late_groups_and_is_part_of_the_run(assets, tmp_path, monkeypatch):
+    seen = []
+    original = AugmentedLM.training_loss
+
+    def spy(self, *args, delays=None, **kwargs):
+        seen.append(delays)
+        return original(self, *args, delays=delays, **kwargs)
+
+    monkeypatch.setattr(AugmentedLM, "training_loss", spy)
+    train(args_for(assets, tmp_path / "run", steps=2, max_delay=3))
+    trained = [d for d in seen if d is not None]
+    assert len(trained) == 2 and all(int(d.max()) <= 3 for d in trained) and any(int(d.max()) > 0 for d in trained)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["max_delay"] == 3
+    with pytest.raises(ArgumentError, match=r"max_delay: 3 then, 2 now"):
+        train(args_for(assets, tmp_path / "run", steps=2, max_delay=2))
+    with pytest.raises(ValueError, match="max_delay"):
+        args_for(assets, tmp_path / "x", max_delay=-1)

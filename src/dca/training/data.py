@@ -58,21 +58,34 @@ def sample_positions(batch: int, seq_len: int, num_positions: int, generator: to
     return torch.stack(rows) + min_position
 
 
-class BatchSchedule:
-    """Micro-batch k of a run: which sequences, and where to augment them. A function of (seed, k) only."""
+def sample_delays(positions: torch.Tensor, seq_len: int, max_delay: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, P] delays d, uniform in 0..max_delay, each cut to seq_len - 2 - t (x[t+d+1] must exist)."""
+    delays = torch.randint(0, max_delay + 1, positions.shape, generator=generator)
+    return torch.minimum(delays, seq_len - 2 - positions)
 
-    def __init__(self, sequences: torch.Tensor, batch_size: int, num_positions: int, seed: int):
+
+class BatchSchedule:
+    """Micro-batch k of a run: which sequences, where to augment them and, with `max_delay`, how late the latents
+    arrive (`AugmentedLM.training_loss`'s delays). A function of (seed, k) only."""
+
+    def __init__(self, sequences: torch.Tensor, batch_size: int, num_positions: int, seed: int, max_delay: int = 0):
         if len(sequences) < batch_size:
             raise DataError(f"only {len(sequences)} training sequences for a batch of {batch_size}: "
                              "use more text, a shorter seq_len or a smaller batch")
         self.sequences, self.batch_size, self.num_positions, self.seed = sequences, batch_size, num_positions, seed
+        self.max_delay = max_delay
         self.batches_per_epoch = len(sequences) // batch_size
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input_ids [B, T], positions [B, P], delays [B, P] or None without `max_delay`)."""
         epoch, offset = divmod(index, self.batches_per_epoch)
         epoch_generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.sequences), generator=epoch_generator)
         rows = order[offset * self.batch_size : (offset + 1) * self.batch_size]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         positions = sample_positions(self.batch_size, self.sequences.shape[1], self.num_positions, generator)
-        return self.sequences[rows], positions
+        # drawn after the positions, from the same generator: without delays the batches are those of before
+        delays = None
+        if self.max_delay:
+            delays = sample_delays(positions, self.sequences.shape[1], self.max_delay, generator)
+        return self.sequences[rows], positions, delays

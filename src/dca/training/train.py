@@ -77,6 +77,9 @@ class TrainArgs:
     out: str = field(default="runs/train", metadata=help_meta("run folder (resumed if it holds a checkpoint)"))
     coprocessor: CoprocessorConfig = field(default_factory=CoprocessorConfig)
     positions: int = field(default=16, metadata=help_meta("P, insertion points sampled per sequence"))
+    max_delay: int = field(default=0, metadata=help_meta(
+        "delay-robust training: each group's latents, computed from x[0..t], are inserted after x[t+d], d drawn "
+        "from 0..max_delay (what asynchronous augmentation does at inference); 0: no delay"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per packed training sequence"))
     batch_size: int = field(default=4, metadata=help_meta("sequences per micro-batch and process (under torchrun "
                                                           "the global batch is this x the processes)"))
@@ -111,6 +114,7 @@ class TrainArgs:
             check_int(name, getattr(self, name))
         check_int("seq_len", self.seq_len, minimum=2)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_int("max_delay", self.max_delay, minimum=0)
         check_int("seed", self.seed, minimum=0)
         if self.max_docs is not None:
             check_int("max_docs", self.max_docs)
@@ -123,6 +127,8 @@ class TrainArgs:
             raise ArgumentError("held_out_fraction", "must be below 1: nothing would be left to train on")
         if self.positions > self.seq_len - 1:
             raise ArgumentError("positions", f"({self.positions}) must be below seq_len ({self.seq_len})")
+        if self.max_delay > self.seq_len - 2:
+            raise ArgumentError("max_delay", f"({self.max_delay}) must be below seq_len - 1 ({self.seq_len - 1})")
         check_device("device", self.device)
         check_choice("group_attention", self.group_attention, GROUP_ATTENTION)
         if isinstance(self.coprocessor, dict):  # from args.json
@@ -140,6 +146,8 @@ class TrainArgs:
         The batch size is the global one, so K processes x batch B resume as one process x batch K*B.
         """
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        if not self.max_delay:  # runs from before the option existed are the same runs
+            del identity["max_delay"]
         return {**identity, "batch_size": self.batch_size * world_size}
 
 
@@ -172,7 +180,7 @@ def prepare_data(args: TrainArgs, tokenizer, world_size: int = 1) -> TrainingDat
     eval_positions = sample_positions(len(eval_seqs), args.seq_len, args.positions,
                                       torch.Generator().manual_seed(12345))
     # the global batch: every process takes its rows of it (`Processes.rows`)
-    schedule = BatchSchedule(train_seqs, args.batch_size * world_size, args.positions, args.seed)
+    schedule = BatchSchedule(train_seqs, args.batch_size * world_size, args.positions, args.seed, args.max_delay)
     return TrainingData(schedule, eval_seqs, eval_positions, train_seqs.numel())
 
 
@@ -273,11 +281,13 @@ def _train(args: TrainArgs, procs: Processes, device: torch.device, callback) ->
         optimizer.zero_grad(set_to_none=True)
         loss_sum = base_sum = targets = 0.0
         for micro in range(args.grad_accum):
-            input_ids, positions = map(procs.rows, data.schedule[step * args.grad_accum + micro])
+            input_ids, positions, delays = data.schedule[step * args.grad_accum + micro]
+            input_ids, positions = procs.rows(input_ids), procs.rows(positions)
+            delays = None if delays is None else procs.rows(delays).to(device)
             with procs.gradient_sync(micro == args.grad_accum - 1):
                 with autocast(device, bf16):
                     out = procs.run(AugmentedLM.training_loss, input_ids.to(device), positions.to(device),
-                                    with_baseline=True)
+                                    with_baseline=True, delays=delays)
                 (procs.loss(out) / args.grad_accum).backward()
             loss_sum += float(out.token_losses.detach().sum())
             base_sum += float(out.baseline_token_losses.sum())
