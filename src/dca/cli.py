@@ -56,9 +56,13 @@ def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from dca.eval.eval_suite import EvalArgs, run_eval
+    from dca.serve.bench import BenchServeArgs, run_bench_serve
+    from dca.serve.generate import GenerateArgs, run_generate
+    from dca.serve.server import ServeArgs, run_serve
     from dca.studies.bench import BenchArgs, run_bench
     from dca.studies.demo import DemoArgs, run_demo
     from dca.studies.init_study import InitStudyArgs, run_init_study
+    from dca.studies.testbed.run import TestbedArgs, run_testbed
     from dca.training.train import TrainArgs, train
 
     return {
@@ -67,6 +71,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "eval": (EvalArgs, run_eval, "the paper's tables for saved coprocessors, beside the frozen model"),
         "bench": (BenchArgs, run_bench, "time one training step: one-pass vs sequential vs fine-tuning"),
         "init-study": (InitStudyArgs, run_init_study, "how much each latent mapping hurts before training"),
+        "testbed": (TestbedArgs, run_testbed, "does the coprocessor add serial computation? synthetic tasks, CPU"),
+        "generate": (GenerateArgs, run_generate, "continue prompts, streamed; --compare frozen vs augmented"),
+        "serve": (ServeArgs, run_serve, "an OpenAI-compatible HTTP server for a model and its coprocessor"),
+        "bench-serve": (BenchServeArgs, run_bench_serve, "latency and throughput of `dca serve` under load"),
     }
 
 
