@@ -1,0 +1,394 @@
+"""Mutation testing of dca's engine (masks, model, coprocessor) with a small `ast` mutator of our own.
+
+mutmut 3 rewrites functions into trampolines inside a `mutants/` copy of the project, which does not suit
+a working tree that other people edit at the same time; this script never touches the working tree. It
+extracts the committed tree (`git archive HEAD`: src, tests, pyproject.toml, plus any `--extra` files from
+the working tree) into a scratch folder, writes one mutant at a time into that copy, and runs a test
+selection against it in a process forked from a parent that has already imported torch and transformers
+(so a mutant costs its tests, not the imports). A mutant is *killed* when a test fails (or times out).
+
+    OMP_NUM_THREADS=1 python scripts/mutation.py list
+    OMP_NUM_THREADS=1 python scripts/mutation.py run --label before --sample 240 --tests tests/test_masks.py ...
+    OMP_NUM_THREADS=1 python scripts/mutation.py run --label after --only-survivors-of before --tests ...
+
+Operators: arithmetic and comparison operators swapped, and/or swapped, `not`/unary minus removed, integer
+and float constants + 1, booleans flipped, strings changed, a keyword argument dropped, a call statement
+removed. Mutants that can only change message text (strings in `raise`, f-strings) or device/dtype arguments
+(a no-op on a CPU in float32) are counted apart (`category`). Results go to results/mutation/<label>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ("masks.py", "model.py", "coprocessor.py")
+OUT = REPO / "results" / "mutation"
+SCRATCH = Path(os.environ.get("DCA_MUTATION_SCRATCH", "/tmp/dca-mutation"))
+SWAPS = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+    ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd, ast.MatMult: ast.Mult,
+    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And,
+}
+DEVICE_DTYPE = {"device", "dtype"}
+
+
+@dataclass
+class Mutant:
+    id: str  # module:index
+    module: str
+    index: int
+    line: int
+    operator: str
+    before: str
+    after: str
+    category: str  # "logic", "message" or "device_dtype"
+    status: str = "not run"  # killed, survived, timeout
+    seconds: float = 0.0
+    killed_by: str = ""
+
+
+class _Mutator(ast.NodeTransformer):
+    """Visits every mutation point in a fixed order; mutates only point `target` (or none, when listing)."""
+
+    def __init__(self, target: int = -1):
+        self.target, self.count, self.points = target, 0, []
+        self.context: list[str] = []  # "raise", "fstring", "to", "annotation", "docstring"
+
+    def _point(self, node: ast.AST, operator: str, make) -> ast.AST:
+        index, self.count = self.count, self.count + 1
+        if self.target == -1:
+            self.points.append((index, node, operator))
+            return node
+        if index != self.target:
+            return node
+        return make()
+
+    def _category(self, node: ast.AST, keyword: str | None = None) -> str:
+        if keyword in DEVICE_DTYPE or "to" in self.context:
+            return "device_dtype"
+        if "raise" in self.context or "fstring" in self.context:
+            return "message"  # only the text (or type) of an error
+        return "logic"
+
+    def visit_in(self, node: ast.AST, tag: str) -> ast.AST:
+        self.context.append(tag)
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.context.pop()
+
+    # statements and contexts ------------------------------------------------------------------
+    def visit_Module(self, node):
+        if ast.get_docstring(node) is not None:
+            node.body = node.body[1:]
+        return self.generic_visit(node)
+
+    def visit_FunctionDef(self, node):
+        node.returns = None  # annotations are strings under `from __future__ import annotations`: never mutated
+        for arg in [*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs]:
+            arg.annotation = None
+        if ast.get_docstring(node) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):
+        if ast.get_docstring(node) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+        return self.generic_visit(node)
+
+    def visit_AnnAssign(self, node):
+        if node.value is None:
+            return node  # a dataclass field declaration: nothing to run
+        node.value = self.visit(node.value)
+        return node
+
+    def visit_Raise(self, node):
+        return self.visit_in(node, "raise")
+
+    def visit_JoinedStr(self, node):
+        return self.visit_in(node, "fstring")
+
+    def visit_Expr(self, node):
+        if isinstance(node.value, ast.Call):
+            original = node
+            mutated = self._point(node, "statement removed", lambda: ast.Pass())
+            if mutated is not original:
+                return mutated
+        return self.generic_visit(node)
+
+    def visit_Call(self, node):
+        func = node.func
+        is_to = isinstance(func, ast.Attribute) and func.attr in ("to", "float", "cpu")
+        kept = []
+        for kw in node.keywords:
+            if kw.arg is None:
+                kept.append(kw)
+                continue
+            dropped = self._point(kw, f"keyword {kw.arg}= dropped", lambda: None)
+            if dropped is not None:
+                kept.append(kw)
+        node.keywords = kept
+        return self.visit_in(node, "to") if is_to else self.generic_visit(node)
+
+    # expressions ------------------------------------------------------------------------------
+    def _swap(self, node, op_attr: str):
+        op = getattr(node, op_attr)
+        if type(op) in SWAPS:
+            new = SWAPS[type(op)]()
+            self._point(node, f"{type(op).__name__} -> {type(new).__name__}", lambda: setattr(node, op_attr, new))
+        return self.generic_visit(node)
+
+    def visit_BinOp(self, node):
+        return self._swap(node, "op")
+
+    def visit_AugAssign(self, node):
+        return self._swap(node, "op")
+
+    def visit_BoolOp(self, node):
+        return self._swap(node, "op")
+
+    def visit_Compare(self, node):
+        for i, op in enumerate(node.ops):
+            if type(op) in SWAPS:
+                def make(i=i, op=op):
+                    node.ops[i] = SWAPS[type(op)]()
+                self._point(node, f"{type(op).__name__} -> {SWAPS[type(op)].__name__}", make)
+        return self.generic_visit(node)
+
+    def visit_UnaryOp(self, node):
+        if isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
+            replaced = self._point(node, f"{type(node.op).__name__} removed", lambda: node.operand)
+            if replaced is not node:
+                return self.generic_visit(replaced) if isinstance(replaced, ast.AST) else replaced
+        return self.generic_visit(node)
+
+    def visit_Constant(self, node):
+        value = node.value
+        if isinstance(value, bool):
+            return self._point(node, f"{value} -> {not value}", lambda: ast.Constant(not value))
+        if isinstance(value, (int, float)):
+            return self._point(node, f"{value!r} -> {value + 1!r}", lambda: ast.Constant(value + 1))
+        if isinstance(value, str) and value:
+            return self._point(node, "string changed", lambda: ast.Constant(f"XX{value}XX"))
+        return node
+
+
+def _module_source(module: str) -> str:
+    return (SCRATCH / "base" / "src" / "dca" / module).read_text()
+
+
+def enumerate_mutants(module: str) -> list[Mutant]:
+    source = _module_source(module)
+    lister = _Mutator()
+    lister.visit(ast.parse(source))
+    mutants = []
+    for index, node, operator in lister.points:
+        before = ast.get_source_segment(source, node) or ast.unparse(node) if hasattr(node, "lineno") else ""
+        category = "logic"
+        if isinstance(node, ast.keyword):
+            category = lister._category(node, node.arg)
+        mutants.append(Mutant(f"{module}:{index}", module, index, getattr(node, "lineno", 0), operator,
+                              (before or "")[:120], "", category))
+    # categories that depend on context: recompute by visiting with a context-recording pass
+    _contexts(module, mutants)
+    return mutants
+
+
+def _contexts(module: str, mutants: list[Mutant]) -> None:
+    class Recorder(_Mutator):
+        def _point(self, node, operator, make):
+            index = self.count
+            super()._point(node, operator, make)
+            keyword = node.arg if isinstance(node, ast.keyword) else None
+            self.categories[index] = self._category(node, keyword)
+            return node
+
+    recorder = Recorder()
+    recorder.categories = {}
+    recorder.visit(ast.parse(_module_source(module)))
+    for mutant in mutants:
+        mutant.category = recorder.categories[mutant.index]
+
+
+def mutated_source(module: str, index: int) -> str:
+    tree = _Mutator(target=index).visit(ast.parse(_module_source(module)))
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def _snapshot(extra: list[str]) -> str:
+    """The committed tree (and `extra` working-tree files) in SCRATCH/base; returns the commit."""
+    base = SCRATCH / "base"
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit, "src", "tests", "pyproject.toml"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    for path in extra:
+        (base / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / path, base / path)
+    return commit
+
+
+def _prepare_tree() -> Path:
+    tree = SCRATCH / "run"
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(SCRATCH / "base", tree)
+    return tree
+
+
+def _run_tests(tree: Path, tests: list[str], timeout: float, log: Path) -> tuple[str, float, str]:
+    """Fork, import dca from `tree`, run pytest; (status, seconds, first failing test)."""
+    started = time.time()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh dca from the mutant tree
+        try:
+            sys.path.insert(0, str(tree / "src"))
+            os.chdir(tree)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            import pytest
+
+            code = pytest.main(["-x", "-q", "-rf", "-p", "no:cacheprovider", "-W", "ignore", *tests])
+        except BaseException:  # noqa: BLE001 -- a mutant that breaks the import is killed
+            code = 3
+        os._exit(int(code))
+    deadline = started + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout", time.time() - started, ""
+        time.sleep(0.2)
+    code = os.waitstatus_to_exitcode(status)
+    failed = ""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            failed = line.split(" - ")[0].split(" ", 1)[1]
+            break
+    if code == 0:
+        return "survived", time.time() - started, ""
+    if code == 5:  # no tests collected: the selection is wrong, not the mutant killed
+        raise SystemExit(f"pytest collected no tests from {tests}")
+    return "killed", time.time() - started, failed
+
+
+def _write_file():
+    """dca.atomic.write_file, loaded on its own: importing the `dca` package would register its attention
+    with transformers in the parent, and every child's fresh import would then be refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_dca_atomic", REPO / "src" / "dca" / "atomic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_file
+
+
+def run(args: argparse.Namespace) -> None:
+    write_file = _write_file()
+    import peft  # noqa: F401 -- imported once here, inherited by every forked child
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
+    commit = _snapshot(args.extra)
+    mutants = [m for module in MODULES for m in enumerate_mutants(module)]
+    if args.only_survivors_of:
+        previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
+        keep = {m["id"] for m in previous["mutants"] if m["status"] == "survived"}
+        killed_before = [m for m in previous["mutants"] if m["status"] != "survived"]
+        mutants = [m for m in mutants if m.id in keep]
+    else:
+        killed_before = []
+        if args.sample:
+            mutants = sorted(random.Random(args.seed).sample(mutants, min(args.sample, len(mutants))),
+                             key=lambda m: (m.module, m.index))
+    tree = _prepare_tree()
+    logs = SCRATCH / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    status, baseline, failed = _run_tests(tree, args.tests, 3600, logs / "baseline.log")
+    if status != "survived":
+        raise SystemExit(f"the unmutated code fails its tests ({failed}); see {logs / 'baseline.log'}")
+    print(f"baseline: {baseline:.0f} s; {len(mutants)} mutants", flush=True)
+    timeout = max(3 * baseline, baseline + 60)
+    result = {"command": "python scripts/mutation.py " + " ".join(sys.argv[1:]), "commit": commit,
+              "tests": args.tests, "baseline_seconds": baseline, "timeout_seconds": timeout,
+              "extra_files": args.extra, "sample_seed": args.seed, "carried_over": killed_before, "mutants": []}
+    for i, mutant in enumerate(mutants):
+        target = tree / "src" / "dca" / mutant.module
+        target.write_text(mutated_source(mutant.module, mutant.index))
+        try:
+            mutant.status, mutant.seconds, mutant.killed_by = _run_tests(tree, args.tests, timeout,
+                                                                         logs / f"{mutant.id.replace(':', '_')}.log")
+        finally:
+            shutil.copyfile(SCRATCH / "base" / "src" / "dca" / mutant.module, target)
+        result["mutants"].append(asdict(mutant))
+        print(f"[{i + 1}/{len(mutants)}] {mutant.id} line {mutant.line} {mutant.operator} ({mutant.category}): "
+              f"{mutant.status} {mutant.seconds:.0f}s {mutant.killed_by}", flush=True)
+        result["summary"] = summarise(result)
+        write_file(OUT / f"{args.label}.json", json.dumps(result, indent=2))
+    print(json.dumps(result.get("summary", {}), indent=2))
+
+
+def summarise(result: dict) -> dict:
+    rows = result["mutants"] + result["carried_over"]
+    summary = {}
+    for scope in (*MODULES, "all"):
+        chosen = [m for m in rows if scope in ("all", m["module"])]
+        logic = [m for m in chosen if m["category"] == "logic"]
+        killed = [m for m in logic if m["status"] != "survived"]
+        all_killed = [m for m in chosen if m["status"] != "survived"]
+        summary[scope] = {"mutants": len(chosen), "killed": len(all_killed),
+                          "score_all": round(100 * len(all_killed) / max(len(chosen), 1), 1),
+                          "logic_mutants": len(logic), "logic_killed": len(killed),
+                          "score_logic": round(100 * len(killed) / max(len(logic), 1), 1)}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list")
+    runner = sub.add_parser("run")
+    runner.add_argument("--label", required=True)
+    runner.add_argument("--tests", nargs="+", required=True)
+    runner.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this many mutants")
+    runner.add_argument("--seed", type=int, default=0)
+    runner.add_argument("--extra", nargs="*", default=[], help="working-tree files added to the committed tree")
+    runner.add_argument("--only-survivors-of", default=None, help="rerun only the survivors of an earlier label")
+    args = parser.parse_args()
+    if args.command == "list":
+        _snapshot([])
+        for module in MODULES:
+            mutants = enumerate_mutants(module)
+            by_category = {c: sum(m.category == c for m in mutants) for c in ("logic", "message", "device_dtype")}
+            print(module, len(mutants), by_category)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

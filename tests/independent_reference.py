@@ -1,0 +1,141 @@
+"""An independent reference for the one-pass objective, written from the documentation alone.
+
+`dca.reference` runs `AugmentedLM.augment_with_grad`, which shares position ids, the latent anchor, the
+latent mapping and (for full soft-token attention) the mask builder with `training_loss`: a bug in any of
+them would appear on both sides and cancel. This module imports nothing from dca. It uses transformers'
+public API (a model called with `inputs_embeds`, explicit `position_ids`, an explicit 4D attention mask and
+its own `DynamicCache`) and torch, and writes out what `CoprocessorConfig`'s docstrings and the README say:
+
+* the frozen decoder reads the prompt x[0..t] into its own cache;
+* the coprocessor body reads a copy of that cache with the N soft tokens at the latents' position ids
+  (``latent_positions``), causal or full among themselves (``soft_token_attention``), each seeing every
+  prompt token; sliding windows count cache entries (the masks module's docstring);
+* its final states (``latent_source``: after the final norm, or its input) are mapped into embedding
+  space (``latent_scale``) and added to the anchor (``latent_anchor``);
+* the decoder reads the N latents at their position ids after the prompt, then x[t+1 .. t+A-1] with the
+  text's position ids; the logits after the last latent score x[t+1], those after x[t+k] score x[t+k+1].
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+SLIDING = "sliding_attention"
+
+
+def latent_position_ids(layout: str, t: int, n: int) -> list[int]:
+    """`latent_positions`: "after" t+1 .. t+N, "shared" all at t, "replay" the positions of x[t-N+1 .. t]
+    (clamped at the first token)."""
+    if layout == "after":
+        return [t + 1 + i for i in range(n)]
+    if layout == "shared":
+        return [t] * n
+    return [max(t - n + 1 + i, 0) for i in range(n)]
+
+
+def text_position_ids(layout: str, t: int, n: int, count: int) -> list[int]:
+    """The text after the latents resumes at t+N+1 ("after") or at t+1 (latents that take no positions)."""
+    start = t + 1 + (n if layout == "after" else 0)
+    return list(range(start, start + count))
+
+
+def soft_token_mask(model_config, t: int, n: int, full: bool, dtype: torch.dtype):
+    """The coprocessor pass's additive 4D mask [1, 1, N, t+1+N] (a dict by layer kind for hybrid models).
+
+    Soft token i sits in cache slot t+1+i. It sees every prompt token and, among the soft tokens, those
+    before it (or all of them, `full`); a sliding-window layer sees only keys less than `window` slots back.
+    """
+    def allowed(window: int | None) -> torch.Tensor:
+        grid = torch.zeros(n, t + 1 + n, dtype=torch.bool)
+        for i in range(n):
+            query_slot = t + 1 + i
+            for key_slot in range(t + 1 + n):
+                is_prompt = key_slot <= t
+                visible = is_prompt or full or key_slot <= query_slot
+                if window is not None and query_slot - key_slot >= window:
+                    visible = False
+                grid[i, key_slot] = visible
+        return grid
+
+    def additive(grid: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(grid.shape, dtype=dtype)
+        return mask.masked_fill(~grid, torch.finfo(dtype).min)[None, None]
+
+    layer_types = getattr(model_config, "layer_types", None)
+    window = getattr(model_config, "sliding_window", None)
+    if not layer_types:
+        return additive(allowed(window))
+    return {kind: additive(allowed(window if kind == SLIDING else None)) for kind in set(layer_types)}
+
+
+def _final_norm(body):
+    for name in ("norm", "ln_f"):  # Llama/Qwen/Gemma, GPT-2
+        if hasattr(body, name):
+            return getattr(body, name)
+    raise AssertionError(f"no final norm found on {type(body).__name__}")
+
+
+def embedding_rms(decoder) -> torch.Tensor:
+    """The RMS of the decoder's token embeddings (as its embedding layer scales them), averaged over tokens."""
+    embed = decoder.get_input_embeddings()
+    table = embed(torch.arange(embed.num_embeddings)).float()
+    return table.pow(2).mean(-1).sqrt().mean()
+
+
+def coprocessor_latents(model, prompt: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """[1, N, H]: the latents written after `prompt` [1, t+1], read off a copy of the decoder's `cache`."""
+    copro, decoder = model.coprocessor, model.decoder
+    config = copro.config
+    t, n = prompt.shape[1] - 1, config.num_latents
+    soft = copro.soft_tokens[None]  # the N trainable soft tokens
+    if config.method == "pause":
+        return soft  # pause tokens are written as they are
+    body = copro.body
+    captured = []
+    hook = _final_norm(body).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        out = body(inputs_embeds=soft, position_ids=torch.tensor([latent_position_ids(config.latent_positions, t, n)]),
+                   attention_mask=soft_token_mask(body.config, t, n, config.soft_token_attention == "full",
+                                                  soft.dtype),
+                   past_key_values=copy.deepcopy(cache), use_cache=True)
+    finally:
+        hook.remove()
+    hidden = captured[-1] if config.latent_source == "pre_norm" else out.last_hidden_state
+    if config.latent_scale == "none":
+        latents = hidden
+    else:  # rescaled to the embedding RMS, then times a per-channel gain ("learned") or a scalar gate ("gated")
+        latents = hidden / hidden.pow(2).mean(-1, keepdim=True).sqrt() * embedding_rms(decoder)
+        if config.latent_scale in ("learned", "gated"):
+            latents = latents * copro.latent_gain
+    embed = decoder.get_input_embeddings()
+    if config.latent_anchor == "replay":  # the embeddings of x[t-N+1 .. t], clamped at the first token
+        latents = latents + embed(prompt[:, [max(t - n + 1 + i, 0) for i in range(n)]])
+    elif config.latent_anchor == "last_token":  # x[t] on the last latent, zeros before
+        anchor = torch.zeros_like(latents)
+        anchor[:, -1] = embed(prompt[:, -1])
+        latents = latents + anchor
+    return latents
+
+
+def group_losses(model, row: torch.Tensor, t: int) -> torch.Tensor:
+    """Cross-entropy of each existing ahead token x[t+1 .. t+A] of one row [1, T] augmented after x[t]."""
+    config, decoder = model.coprocessor.config, model.decoder
+    n = config.num_latents
+    targets = row[0, t + 1 : t + 1 + config.num_ahead]
+    prompt = row[:, : t + 1]
+    cache = DynamicCache()  # the reference's own cache, full length
+    decoder(input_ids=prompt, position_ids=torch.arange(t + 1)[None], past_key_values=cache, use_cache=True)
+    latents = coprocessor_latents(model, prompt, cache)
+    # the decoder's own causal masks from here on: nothing but position ids is given
+    latent_positions = torch.tensor([latent_position_ids(config.latent_positions, t, n)])
+    out = decoder(inputs_embeds=latents, position_ids=latent_positions, past_key_values=cache, use_cache=True)
+    logits = [out.logits[0, -1:]]
+    if len(targets) > 1:
+        ahead = row[:, t + 1 : t + len(targets)]
+        positions = torch.tensor([text_position_ids(config.latent_positions, t, n, ahead.shape[1])])
+        logits.append(decoder(input_ids=ahead, position_ids=positions, past_key_values=cache, use_cache=True).logits[0])
+    return F.cross_entropy(torch.cat(logits).float(), targets, reduction="none")
