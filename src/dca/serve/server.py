@@ -14,8 +14,7 @@ OpenAI's fields, a body may say `augment: false` (the frozen model) and `top_k`.
 * SIGTERM: uvicorn stops accepting connections and waits for open requests; then the queue is drained.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (a local import) at run time
 import asyncio
 import json
 import socket
