@@ -79,3 +79,28 @@ def test_what_is_scored_is_written_before_a_later_part_fails(assets, tmp_path, m
     assert saved["table2"]["arc_easy"]["base"]["acc"] in (0.0, 0.5, 1.0)
     text = (tmp_path / "eval.md").read_text()
     assert "| arc_easy |" in text and "(in progress)" in text
+
+
+def test_table1_with_late_latents_is_the_sequential_late_insertion(assets, tmp_path):
+    import math
+
+    import torch
+
+    from dca.eval.evaluate import held_out_eval_set
+    from dca.reference import sequential_group_losses
+
+    model_dir, corpus, paths = assets
+    args = EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
+                    bootstrap=20, ks=[1, 2], latent_delay=1, out=str(tmp_path))  # A = 2
+    report = run_eval(args)["table1"]["copro"]
+    assert report["ks"] == [1, 2] and "latents 1 tokens late" in (tmp_path / "eval.md").read_text()
+    decoder, tokenizer = load_model(model_dir)
+    model = AugmentedLM.from_pretrained(paths[0], decoder)
+    seqs, positions = held_out_eval_set(tokenizer, corpus, args.held_out_fraction, 3, 40, 2, 2)
+    with torch.no_grad():
+        losses = torch.stack([sequential_group_losses(model, seqs[b : b + 1], t, delay=1)
+                              for b in range(3) for t in positions[b].tolist()])
+    expected = [math.exp(v) for v in losses.mean(0).tolist()]
+    torch.testing.assert_close(torch.tensor(report["augmented_ppl"]), torch.tensor(expected), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="latent_delay"):
+        EvalArgs(coprocessors=paths, ks=[1, 2], latent_delay=2)

@@ -55,6 +55,10 @@ class EvalArgs:
     sequences: int = field(default=32, metadata=help_meta("held-out sequences (0 skips Table 1)"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per held-out sequence"))
     positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
+    ks: list[int] = field(default_factory=lambda: list(KS), metadata=help_meta("distances k of Table 1"))
+    latent_delay: int = field(default=0, metadata=help_meta(
+        "Table 1 with latents arriving this many tokens late (asynchronous augmentation): computed from x[0..t], "
+        "inserted after x[t+d], k counted from there"))
     bootstrap: int = field(default=1000, metadata=help_meta("bootstrap resamples for the intervals"))
     benchmarks: list[str] = field(default_factory=list, metadata=help_meta("benchmark names (see dca.eval.benchmarks)"))
     limit: int | None = field(default=100, metadata=help_meta("items per benchmark (a seeded subset)"))
@@ -71,6 +75,12 @@ class EvalArgs:
             check_int(name, getattr(self, name))
         check_int("seq_len", self.seq_len, minimum=2)
         check_int("seed", self.seed, minimum=0)
+        check_int("latent_delay", self.latent_delay, minimum=0)
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            raise ArgumentError("ks", f"must be distances >= 1, got {self.ks}")
+        if self.latent_delay >= max(self.ks):
+            raise ArgumentError("latent_delay", f"({self.latent_delay}) must be below the largest k ({max(self.ks)}): "
+                                "the points are those of no delay, which leave max(ks) tokens after them")
         if self.limit is not None:
             check_int("limit", self.limit)
         check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
@@ -103,14 +113,15 @@ def table1_markdown(reports: dict[str, PositionReport], latents: dict[str, int])
     paper_ns = sorted({latents[n] for n in names if latents[n] in PAPER_TABLE1})
     header += "".join(f" | paper N={n}" for n in paper_ns) + " |"
     lines = [header, "|---" * (1 + len(names) + len(paper_ns)) + "|"]
-    for i, k in enumerate(KS):
+    ks = reports[names[0]].ks
+    for i, k in enumerate(ks):
         cells = [f"{100 * reports[n].rel_change[i]:+.2f}% [{100 * reports[n].ci_low[i]:+.1f}, "
                  f"{100 * reports[n].ci_high[i]:+.1f}]" for n in names]
-        cells += [f"{PAPER_TABLE1[n][i]:+.2f}%" for n in paper_ns]
+        cells += [f"{PAPER_TABLE1[n][KS.index(k)]:+.2f}%" if k in KS else "" for n in paper_ns]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     first = reports[names[0]]
     lines.append("")
-    lines.append("Base perplexity by k: " + ", ".join(f"k={k}: {p:.2f}" for k, p in zip(KS, first.base_ppl,
+    lines.append("Base perplexity by k: " + ", ".join(f"k={k}: {p:.2f}" for k, p in zip(ks, first.base_ppl,
                                                                                        strict=True)))
     return "\n".join(lines)
 
@@ -143,14 +154,16 @@ def run_eval(args: EvalArgs) -> dict:
 
     if args.sequences > 0:
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
-                                            args.seq_len, args.positions, max(KS))
-        reports = {name: perplexity_by_position(m, seqs, positions, batch_size=args.batch_size,
-                                                bootstrap=args.bootstrap, progress=True)
+                                            args.seq_len, args.positions, max(args.ks))
+        reports = {name: perplexity_by_position(m, seqs, positions, tuple(args.ks), batch_size=args.batch_size,
+                                                bootstrap=args.bootstrap, progress=True,
+                                                latent_delay=args.latent_delay)
                    for name, m in models.items()}
         result["table1"] = {name: r.to_dict() for name, r in reports.items()}
         plot_positions(reports, out / "ppl_by_position.png", f"{args.model}, held-out {args.data}")
+        late = f", latents {args.latent_delay} tokens late" if args.latent_delay else ""
         sections.append(f"## Perplexity by position (Table 1 protocol)\n\n{len(seqs)} held-out sequences of "
-                        f"{args.seq_len} tokens, {positions.numel()} augmentation points; relative change of "
+                        f"{args.seq_len} tokens, {positions.numel()} augmentation points{late}; relative change of "
                         f"the k-th token's perplexity, 95% bootstrap interval over sequences.\n\n"
                         f"{table1_markdown(reports, latents)}\n\n![](ppl_by_position.png)\n")
         write_report()

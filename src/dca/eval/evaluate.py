@@ -4,6 +4,11 @@ Augment held-out text at P points per sequence and score the next K tokens after
 without the latents, on the very same targets (`training_loss(..., with_baseline=True)` computes
 both in one pass). The relative perplexity change at distance k is exp(mean NLL_aug(k) -
 mean NLL_base(k)) - 1; its confidence interval comes from a bootstrap over sequences.
+
+With ``latent_delay=d`` the latents computed from x[0..t] arrive d tokens late, as under asynchronous
+augmentation: they are inserted after x[t+d] (`AugmentedLM.training_loss`'s delays), k counts from there
+(the k-th token is x[t+d+k]) and the base is scored on the same tokens. The points t are those of d = 0,
+so every delay sees the very same latents; a target past the end of its sequence is not scored.
 """
 
 from __future__ import annotations
@@ -48,17 +53,19 @@ class PositionReport:
 @torch.no_grad()
 def token_losses_by_distance(model: AugmentedLM, sequences: torch.Tensor, positions: torch.Tensor,
                              num_ahead: int, batch_size: int = 4, progress: bool = False,
-                             autocast_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             autocast_bf16: bool = False,
+                             latent_delay: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sequence sums over groups: (augmented NLL [S, K], base NLL [S, K], counts [S, K])."""
     device = model.device
     was_training = model.training
     model.eval()
     aug, base, count = [], [], []
     for start in tqdm(range(0, len(sequences), batch_size), desc="eval", disable=not progress, leave=False):
+        points = positions[start : start + batch_size].to(device)
+        delays = torch.full_like(points, latent_delay) if latent_delay else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            out = model.training_loss(sequences[start : start + batch_size].to(device),
-                                      positions[start : start + batch_size].to(device),
-                                      with_baseline=True, num_ahead=num_ahead)
+            out = model.training_loss(sequences[start : start + batch_size].to(device), points,
+                                      with_baseline=True, num_ahead=num_ahead, delays=delays)
         aug.append(out.token_losses.sum(1).float().cpu())
         base.append(out.baseline_token_losses.sum(1).float().cpu())
         count.append(out.target_mask.sum(1).float().cpu())
@@ -68,12 +75,13 @@ def token_losses_by_distance(model: AugmentedLM, sequences: torch.Tensor, positi
 
 def perplexity_by_position(model: AugmentedLM, sequences: torch.Tensor, positions: torch.Tensor,
                            ks: tuple[int, ...] = KS, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
-                           progress: bool = False, autocast_bf16: bool = False) -> PositionReport:
+                           progress: bool = False, autocast_bf16: bool = False,
+                           latent_delay: int = 0) -> PositionReport:
     """Relative perplexity change of the k-th token after each augmentation point, for k in `ks`."""
     if min(ks) < 1:
         raise ValueError(f"distances k must be >= 1, got {ks}")
     aug, base, count = token_losses_by_distance(model, sequences, positions, max(ks), batch_size, progress,
-                                                autocast_bf16)
+                                                autocast_bf16, latent_delay)
     columns = [k - 1 for k in ks]
     aug, base, count = aug[:, columns], base[:, columns], count[:, columns]
 
