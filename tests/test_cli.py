@@ -100,3 +100,33 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr("dca.training.train.train", bug)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["train"])
+
+
+def parsed_train_args(monkeypatch, argv):
+    captured = []
+    monkeypatch.setattr("dca.training.train.train", lambda args, callback=None: captured.append(args))
+    assert main(["train", *argv]) == 0
+    return captured[0]
+
+
+def test_a_preset_starts_the_coprocessor_and_options_typed_override_it(monkeypatch):
+    from dca import CoprocessorConfig
+
+    assert parsed_train_args(monkeypatch, []).coprocessor == CoprocessorConfig()
+    args = parsed_train_args(monkeypatch, ["--preset", "paper", "--num-latents", "4", "--lora-rank", "8"])
+    assert args.preset == "paper"
+    assert args.coprocessor == CoprocessorConfig.paper(num_latents=4, lora_rank=8)
+    # the resolved config identifies the run, the preset's name does not (args.json records both)
+    identity = args.identity()
+    assert "preset" not in identity and identity["coprocessor"] == args.coprocessor.to_dict()
+    args = parsed_train_args(monkeypatch, ["--preset", "paper", "--latent-scale", "gated", "--gate-init", "0.5"])
+    assert args.coprocessor == CoprocessorConfig.paper(latent_scale="gated", gate_init=0.5)
+    # typed options override the default preset too, and leave its other fields alone
+    args = parsed_train_args(monkeypatch, ["--latent-positions", "after"])
+    assert args.preset == "dca" and args.coprocessor == CoprocessorConfig(latent_positions="after")
+
+
+def test_an_unknown_preset_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "literal"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

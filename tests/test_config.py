@@ -52,3 +52,24 @@ def test_latent_positions_default_follows_the_anchor_and_the_method():
     assert CoprocessorConfig(method="pause").latent_positions == "after"  # between prompt and answer
     assert CoprocessorConfig(latent_anchor="none", latent_positions="replay").latent_positions == "replay"
     assert CoprocessorConfig.from_dict(CoprocessorConfig().to_dict()) == CoprocessorConfig()
+
+
+def test_the_paper_preset_is_the_literal_method():
+    paper = CoprocessorConfig.paper()
+    assert (paper.latent_source, paper.latent_scale, paper.latent_anchor, paper.latent_positions, paper.init) == (
+        "final_norm", "none", "none", "after", "decoder")
+    assert paper.positions_taken == paper.num_latents  # the text resumes at t+N+1
+    # overrides set other fields and may replace the preset's own
+    assert CoprocessorConfig.paper(num_latents=4, lora_rank=8).to_dict() == {
+        **paper.to_dict(), "num_latents": 4, "lora_rank": 8}
+    assert CoprocessorConfig.paper(latent_scale="gated").latent_scale == "gated"
+
+
+def test_the_dca_preset_is_the_default_and_differs_from_the_paper_where_the_readme_says():
+    assert CoprocessorConfig.dca() == CoprocessorConfig()
+    assert CoprocessorConfig.dca(num_latents=8) == CoprocessorConfig(num_latents=8)
+    assert CoprocessorConfig.preset("paper", num_ahead=3) == CoprocessorConfig.paper(num_ahead=3)
+    dca, paper = CoprocessorConfig.dca().to_dict(), CoprocessorConfig.paper().to_dict()
+    assert {k for k in dca if dca[k] != paper[k]} == {"latent_scale", "latent_anchor", "latent_positions"}
+    with pytest.raises(ValueError, match="preset must be one of"):
+        CoprocessorConfig.preset("literal")

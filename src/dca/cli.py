@@ -27,31 +27,40 @@ def _field_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field; the fields of a nested dataclass (e.g. a CoprocessorConfig) join in a group."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, nested: bool = False) -> None:
+    """One option per field; the fields of a nested dataclass (e.g. a CoprocessorConfig) join in a group.
+
+    A nested dataclass's options are left out of the namespace unless given, so that a ``--preset`` of
+    the outer arguments can supply their values and only the options typed override it.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            add_dataclass_arguments(parser.add_argument_group(hints[f.name].__name__), hints[f.name])
+            add_dataclass_arguments(parser.add_argument_group(hints[f.name].__name__), hints[f.name], nested=True)
             continue
         base, is_list = _field_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        value = argparse.SUPPRESS if nested else default
         if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=base, nargs="+" if is_list else None, default=default,
+            parser.add_argument(flag, dest=f.name, type=base, nargs="+" if is_list else None, default=value,
                                 choices=f.metadata.get("choices"), help=help_text)
 
 
-def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+def dataclass_from_namespace(cls: type, namespace: argparse.Namespace, nested: bool = False) -> Any:
     hints = typing.get_type_hints(cls)
-    return cls(**{f.name: dataclass_from_namespace(hints[f.name], namespace)
-                  if dataclasses.is_dataclass(hints[f.name]) else getattr(namespace, f.name)
-                  for f in dataclasses.fields(cls)})
+    values = {f.name: dataclass_from_namespace(hints[f.name], namespace, nested=True)
+              if dataclasses.is_dataclass(hints[f.name]) else getattr(namespace, f.name)
+              for f in dataclasses.fields(cls) if not nested or hasattr(namespace, f.name)}
+    preset = getattr(namespace, "preset", None)
+    if nested and preset is not None and hasattr(cls, "preset"):  # e.g. CoprocessorConfig.preset("paper", ...)
+        return cls.preset(preset, **values)
+    return cls(**values)
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:

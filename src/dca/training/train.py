@@ -41,7 +41,7 @@ from dca.checks import (
     check_number,
     check_writable_dir,
 )
-from dca.config import CoprocessorConfig, help_meta
+from dca.config import PRESETS, CoprocessorConfig, help_meta
 from dca.errors import ArgumentError, DataError, TrainingDiverged
 from dca.eval.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
@@ -64,7 +64,8 @@ from dca.training.distributed import Processes
 # (the learning-rate schedule depends on `steps`, so it is part of a run; bf16 is recorded as resolved)
 # (how groups attend and whether activations are recomputed change float rounding only: a run may switch them)
 NOT_IDENTITY = ("out", "model", "data", "eval_every", "eval_sequences", "save_every", "device", "bf16", "progress",
-                "max_bad_steps", "group_attention", "activation_checkpointing")
+                "max_bad_steps", "group_attention", "activation_checkpointing",
+                "preset")  # the preset only names where `coprocessor` started; its fields are the identity
 
 
 @dataclass
@@ -76,6 +77,9 @@ class TrainArgs:
                                                      "datasets name"))
     out: str = field(default="runs/train", metadata=help_meta("run folder (resumed if it holds a checkpoint)"))
     coprocessor: CoprocessorConfig = field(default_factory=CoprocessorConfig)
+    preset: str = field(default="dca", metadata=help_meta(
+        "where the coprocessor's fields start: paper (the paper's literal method, CoprocessorConfig.paper) or dca "
+        "(dca's own default); the command line applies it and any coprocessor option given overrides it", PRESETS))
     positions: int = field(default=16, metadata=help_meta("P, insertion points sampled per sequence"))
     max_delay: int = field(default=0, metadata=help_meta(
         "delay-robust training: each group's latents, computed from x[0..t], are inserted after x[t+d], d drawn "
@@ -131,6 +135,7 @@ class TrainArgs:
             raise ArgumentError("max_delay", f"({self.max_delay}) must be below seq_len - 1 ({self.seq_len - 1})")
         check_device("device", self.device)
         check_choice("group_attention", self.group_attention, GROUP_ATTENTION)
+        check_choice("preset", self.preset, PRESETS)
         if isinstance(self.coprocessor, dict):  # from args.json
             self.coprocessor = CoprocessorConfig.from_dict(self.coprocessor)
 
