@@ -3,11 +3,23 @@
 import json
 
 import pytest
+import torch
 from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.eval.eval_suite import EvalArgs, plot_accuracy_by_latents, run_eval
+from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.resources import load_model
+
+
+def trained(model: AugmentedLM) -> AugmentedLM:
+    """Stand-in for training: every trainable weight moved away from its initial value."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.coprocessor.parameters():
+            if param.requires_grad:
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +30,9 @@ def assets(tmp_path_factory):
     paths = []
     for name, config in {"copro": CoprocessorConfig(num_latents=8, num_ahead=2),
                          "pause": CoprocessorConfig(method="pause", num_latents=4, num_ahead=2)}.items():
-        paths.append(str(AugmentedLM.from_decoder(decoder, config).save_pretrained(root / name)))
+        model = AugmentedLM.from_decoder(decoder, config)
+        trained(model)
+        paths.append(str(model.save_pretrained(root / name)))
     return model_dir, corpus, paths
 
 
@@ -30,7 +44,20 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["coprocessors"]["pause"]["method"] == "pause"
     text = (tmp_path / "eval.md").read_text()
-    assert "| k | copro (N=8) | pause (N=4) | paper N=8 |" in text and "Reproduce:" in text
+    assert ("| k | copro (N=8) | copro untrained | pause (N=4) | pause untrained | paper N=8 |" in text
+            and "Reproduce:" in text)
+    # each untrained column is the same configuration at initialisation, scored on the same points
+    decoder, tokenizer = load_model(model_dir)
+    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, max(KS))
+    for name, path in zip(("copro", "pause"), paths, strict=True):
+        config = AugmentedLM.from_pretrained(path, decoder).coprocessor.config
+        fresh = perplexity_by_position(AugmentedLM.from_decoder(decoder, config).eval(), seqs, positions, bootstrap=50)
+        assert result["table1_untrained"][name]["rel_change"] == pytest.approx(fresh.rel_change, rel=1e-5, abs=1e-7)
+        # the saved coprocessors were "trained" (perturbed): their own columns differ from step 0
+        assert result["table1"][name]["rel_change"] != pytest.approx(fresh.rel_change, rel=1e-3)
+    without = run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40,
+                                positions=2, bootstrap=50, untrained=False, out=str(tmp_path / "plain")))
+    assert "table1_untrained" not in without and "untrained |" not in (tmp_path / "plain" / "eval.md").read_text()
     assert (tmp_path / "ppl_by_position.png").stat().st_size > 1000
 
 

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.cli import main
+from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.resources import load_model
 from dca.studies.demo import DemoArgs, run_demo
 
@@ -16,7 +18,12 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     model_dir, corpus = toy_model_and_corpus(root)
     decoder, _ = load_model(model_dir)
-    AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, num_ahead=2)).save_pretrained(root / "adapter")
+    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, num_ahead=2))
+    with torch.no_grad():  # a stand-in for training: the gate opened, the soft tokens moved
+        model.coprocessor.latent_gain.fill_(0.5)
+        model.coprocessor.soft_tokens.add_(torch.randn(model.coprocessor.soft_tokens.shape,
+                                                       generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(root / "adapter")
     return model_dir, corpus, str(root / "adapter")
 
 
@@ -29,7 +36,15 @@ def test_demo_writes_the_report(assets, tmp_path):
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["held_out"]["ks"] == [1, 2, 4, 8, 16, 32] and len(saved["held_out"]["rel_change"]) == 6
     assert saved["live_training"]["last"]["step"] == 2
-    assert "| k | base ppl |" in (tmp_path / "report" / "report.md").read_text()
+    assert "| k | base ppl | trained | 95% CI | untrained (step 0) | 95% CI |" in (
+        tmp_path / "report" / "report.md").read_text()
+    # the untrained column: the same configuration at initialisation, on the same held-out points
+    decoder, tokenizer = load_model(model_dir)
+    config = AugmentedLM.from_pretrained(adapter, decoder).coprocessor.config
+    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 2, 40, 2, max(KS))
+    fresh = perplexity_by_position(AugmentedLM.from_decoder(decoder, config).eval(), seqs, positions)
+    assert saved["held_out_untrained"]["rel_change"] == pytest.approx(fresh.rel_change, rel=1e-5, abs=1e-7)
+    assert saved["held_out"]["rel_change"] != pytest.approx(fresh.rel_change, rel=1e-3)
     assert result["prompt"]["base"] != "" or result["prompt"]["augmented"] != ""
 
 

@@ -33,7 +33,7 @@ from dca.checks import (
 from dca.config import help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.eval.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
-from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
+from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position, untrained_like
 from dca.model import AugmentedLM
 from dca.resources import load_model
 from dca.studies.demo import SHIPPED, plot_positions, resolve_coprocessor
@@ -60,6 +60,8 @@ class EvalArgs:
         "Table 1 with latents arriving this many tokens late (asynchronous augmentation): computed from x[0..t], "
         "inserted after x[t+d], k counted from there"))
     bootstrap: int = field(default=1000, metadata=help_meta("bootstrap resamples for the intervals"))
+    untrained: bool = field(default=True, metadata=help_meta(
+        "Table 1 also shows each coprocessor's configuration untrained (at initialisation, same init_seed)"))
     benchmarks: list[str] = field(default_factory=list, metadata=help_meta("benchmark names (see dca.eval.benchmarks)"))
     limit: int | None = field(default=100, metadata=help_meta("items per benchmark (a seeded subset)"))
     seed: int = field(default=0, metadata=help_meta("seed of the benchmark subsets"))
@@ -107,16 +109,24 @@ def _label(path: str) -> str:
     return Path(path).name if Path(path).name not in ("adapter", "") else Path(path).parent.name
 
 
-def table1_markdown(reports: dict[str, PositionReport], latents: dict[str, int]) -> str:
+def table1_markdown(reports: dict[str, PositionReport], latents: dict[str, int],
+                    untrained: dict[str, PositionReport] | None = None) -> str:
+    """Each coprocessor's column, followed by its configuration untrained (if given), then the paper's."""
     names = list(reports)
-    header = "| k | " + " | ".join(f"{n} (N={latents[n]})" for n in names)
+    untrained = untrained or {}
+    columns = []
+    for n in names:
+        columns.append((reports[n], f"{n} (N={latents[n]})"))
+        if n in untrained:
+            columns.append((untrained[n], f"{n} untrained"))
+    header = "| k | " + " | ".join(label for _, label in columns)
     paper_ns = sorted({latents[n] for n in names if latents[n] in PAPER_TABLE1})
     header += "".join(f" | paper N={n}" for n in paper_ns) + " |"
-    lines = [header, "|---" * (1 + len(names) + len(paper_ns)) + "|"]
+    lines = [header, "|---" * (1 + len(columns) + len(paper_ns)) + "|"]
     ks = reports[names[0]].ks
     for i, k in enumerate(ks):
-        cells = [f"{100 * reports[n].rel_change[i]:+.2f}% [{100 * reports[n].ci_low[i]:+.1f}, "
-                 f"{100 * reports[n].ci_high[i]:+.1f}]" for n in names]
+        cells = [f"{100 * r.rel_change[i]:+.2f}% [{100 * r.ci_low[i]:+.1f}, {100 * r.ci_high[i]:+.1f}]"
+                 for r, _ in columns]
         cells += [f"{PAPER_TABLE1[n][KS.index(k)]:+.2f}%" if k in KS else "" for n in paper_ns]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     first = reports[names[0]]
@@ -160,12 +170,27 @@ def run_eval(args: EvalArgs) -> dict:
                                                 latent_delay=args.latent_delay)
                    for name, m in models.items()}
         result["table1"] = {name: r.to_dict() for name, r in reports.items()}
-        plot_positions(reports, out / "ppl_by_position.png", f"{args.model}, held-out {args.data}")
+        untrained: dict[str, PositionReport] = {}
+        if args.untrained:  # one untrained model per distinct configuration
+            by_config: dict[str, PositionReport] = {}
+            for name, m in models.items():
+                key = m.coprocessor.config.to_json()
+                if key not in by_config:
+                    by_config[key] = perplexity_by_position(
+                        untrained_like(m), seqs, positions, tuple(args.ks), batch_size=args.batch_size,
+                        bootstrap=args.bootstrap, progress=True, latent_delay=args.latent_delay)
+                untrained[name] = by_config[key]
+            result["table1_untrained"] = {name: r.to_dict() for name, r in untrained.items()}
+        plot_positions({**reports, **{f"{n}, untrained": r for n, r in untrained.items()}},
+                       out / "ppl_by_position.png", f"{args.model}, held-out {args.data}")
         late = f", latents {args.latent_delay} tokens late" if args.latent_delay else ""
+        untrained_note = (" *Untrained* is the same configuration at initialisation (same init_seed): what the "
+                          "latent mapping does before training." if untrained else "")
         sections.append(f"## Perplexity by position (Table 1 protocol)\n\n{len(seqs)} held-out sequences of "
                         f"{args.seq_len} tokens, {positions.numel()} augmentation points{late}; relative change of "
-                        f"the k-th token's perplexity, 95% bootstrap interval over sequences.\n\n"
-                        f"{table1_markdown(reports, latents)}\n\n![](ppl_by_position.png)\n")
+                        f"the k-th token's perplexity, 95% bootstrap interval over sequences."
+                        f"{untrained_note}\n\n"
+                        f"{table1_markdown(reports, latents, untrained)}\n\n![](ppl_by_position.png)\n")
         write_report()
 
     if args.benchmarks:

@@ -106,6 +106,26 @@ def perplexity_by_position(model: AugmentedLM, sequences: torch.Tensor, position
     )
 
 
+def untrained_like(model: AugmentedLM) -> AugmentedLM:
+    """The coprocessor of `model`'s configuration at initialisation (same `init_seed`), on the same decoder.
+
+    Table 1 shows it beside the trained one: what the latent mapping alone does at step 0, so that what
+    training adds can be read off. (A LoRA adapter starts at zero whatever its seed; soft tokens, scratch
+    weights and the gate start from the config.)
+    """
+    return AugmentedLM.from_decoder(model.decoder, model.coprocessor.config).eval()
+
+
+def trained_vs_untrained_markdown(trained: PositionReport, untrained: PositionReport) -> str:
+    """One Table 1 with the trained coprocessor and the same configuration untrained, k by k."""
+    lines = ["| k | base ppl | trained | 95% CI | untrained (step 0) | 95% CI |", "|---|---|---|---|---|---|"]
+    for i, k in enumerate(trained.ks):
+        cells = [f"{100 * r.rel_change[i]:+.2f}% | [{100 * r.ci_low[i]:+.2f}, {100 * r.ci_high[i]:+.2f}]"
+                 for r in (trained, untrained)]
+        lines.append(f"| {k} | {trained.base_ppl[i]:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequences: int, seq_len: int,
                       positions: int, max_k: int, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed held-out sequences and augmentation points that leave `max_k` tokens after each."""

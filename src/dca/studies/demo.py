@@ -2,7 +2,9 @@
 
 1. The frozen model's perplexity on held-out text, and the same with its cache augmented by the
    coprocessor this project trained and ships (`coprocessors/`), by distance from the augmentation
-   point in the paper's Table 1 layout; and one prompt answered with and without augmentation.
+   point in the paper's Table 1 layout, beside the same configuration untrained (what the latent
+   mapping alone does, so what training adds can be read off); and one prompt answered with and
+   without augmentation.
 2. A short training run, so the pipeline can be seen working end to end.
 3. A report folder: report.json, report.md and ppl_by_position.png.
 """
@@ -17,7 +19,14 @@ from pathlib import Path
 from dca.atomic import write_file
 from dca.checks import check_coprocessor, check_data_source, check_int, check_model_source, check_writable_dir
 from dca.config import CoprocessorConfig, help_meta
-from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position
+from dca.eval.evaluate import (
+    KS,
+    PositionReport,
+    held_out_eval_set,
+    perplexity_by_position,
+    trained_vs_untrained_markdown,
+    untrained_like,
+)
 from dca.model import AugmentedLM
 from dca.resources import load_model
 from dca.training.train import TrainArgs, train
@@ -111,7 +120,9 @@ def run_demo(args: DemoArgs) -> dict:
           f"{'LoRA r' + str(config.lora_rank) if config.uses_lora else config.init}; evaluating "
           f"{len(seqs)} x {args.seq_len} held-out tokens at {positions.numel()} augmentation points", flush=True)
     report = perplexity_by_position(model, seqs, positions, progress=True)
-    print(report.markdown())
+    untrained = perplexity_by_position(untrained_like(model), seqs, positions, progress=True)
+    table = trained_vs_untrained_markdown(report, untrained)
+    print(table)
     with_aug, without = answer(model, tokenizer, PROMPT, True), answer(model, tokenizer, PROMPT, False)
     print(f"\nprompt: {PROMPT!r}\n  base:      {without!r}\n  augmented: {with_aug!r}\n", flush=True)
 
@@ -133,18 +144,22 @@ def run_demo(args: DemoArgs) -> dict:
         live = {"args": asdict(live_args), "first": records[0], "last": records[-1]}
 
     print("[3/3] writing the report", flush=True)
-    plot_positions({f"coprocessor ({config.num_latents} latents)": report}, out / "ppl_by_position.png",
+    plot_positions({f"coprocessor ({config.num_latents} latents)": report, "same, untrained (step 0)": untrained},
+                   out / "ppl_by_position.png",
                    f"{args.model} on held-out {args.data}: augmented vs frozen model")
     result = {"model": args.model, "data": args.data, "coprocessor": args.coprocessor,
               "coprocessor_config": config.to_dict(), "held_out": report.to_dict(),
+              "held_out_untrained": untrained.to_dict(),
               "prompt": {"text": PROMPT, "base": without, "augmented": with_aug}, "live_training": live,
               "seconds": time.time() - started}
     write_file(out / "report.json", json.dumps(result, indent=2))
     write_file(out / "report.md",
         f"# dca demo: {args.model}, held-out {args.data}\n\n"
         f"Coprocessor `{args.coprocessor}` (N={config.num_latents}); {len(seqs)} held-out sequences of "
-        f"{args.seq_len} tokens, {positions.numel()} augmentation points. Negative = augmentation helps.\n\n"
-        f"{report.markdown()}\n\n![](ppl_by_position.png)\n\n"
+        f"{args.seq_len} tokens, {positions.numel()} augmentation points. Relative perplexity change; negative = "
+        f"augmentation helps. *Untrained* is the same configuration at initialisation (same init_seed): what "
+        f"the latent mapping does before training.\n\n"
+        f"{table}\n\n![](ppl_by_position.png)\n\n"
         f"Prompt: `{PROMPT}`\n\n- base: `{without}`\n- augmented: `{with_aug}`\n")
     print(f"report: {out}/report.md, report.json, ppl_by_position.png ({result['seconds']:.0f} s)")
     return result
