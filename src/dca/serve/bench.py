@@ -116,7 +116,8 @@ def markdown(result: dict) -> str:
 
 def run_bench_serve(args: BenchServeArgs) -> dict:
     out = check_writable_dir("out", args.out)
-    command = "dca bench-serve " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench-serve"] else repr(asdict(args))
+    command = " ".join(["dca bench-serve", shlex.join(sys.argv[2:])]).strip() if sys.argv[1:2] == ["bench-serve"] \
+        else repr(asdict(args))
     serve_args = ServeArgs(model=args.model, coprocessor=args.coprocessor, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, device=args.device)
     engine, name = engine_for(serve_args)
