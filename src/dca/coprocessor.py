@@ -10,11 +10,13 @@ low-rank matrices.
 from __future__ import annotations
 
 import copy
+import types
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
@@ -32,6 +34,28 @@ def _capture_pre_norm(_module: nn.Module, args: tuple) -> None:
     captured = _PRE_NORM_CAPTURE.get()
     if captured is not None:
         captured.append(args[0])
+
+
+# During `Coprocessor.read_after_prompt` of this thread: the number of trailing rows (the soft tokens) that get the
+# LoRA update; the rows before them (the prompt) go through the base weights alone, i.e. through the decoder.
+_LORA_ROWS: ContextVar[int | None] = ContextVar("dca_lora_rows", default=None)
+
+
+def _lora_on_last_rows(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA forward, restricted to the last `_LORA_ROWS` rows when that is set (bound to each LoRA layer)."""
+    rows = _LORA_ROWS.get()
+    if rows is None or self.disable_adapters or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    tail, out = x[:, -rows:], result[:, -rows:]
+    for name in self.active_adapters:  # what peft's vanilla-LoRA branch computes, on the tail rows only
+        if name in self.lora_A.keys():
+            t = self._cast_input_dtype(tail, self.lora_A[name].weight.dtype)
+            out = out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](t))) * self.scaling[name]
+    if torch.is_grad_enabled():
+        return torch.cat([result[:, :-rows], out.to(result.dtype)], dim=1)
+    result[:, -rows:] = out  # inference: no copy of the prompt rows
+    return result
 
 
 def embedding_sample(decoder: PreTrainedModel, max_rows: int = 8192) -> torch.Tensor:
@@ -72,6 +96,9 @@ def build_body(decoder: PreTrainedModel, config: CoprocessorConfig) -> nn.Module
                           target_modules=config.lora_target_modules, lora_dropout=0.0)
         body = inject_adapter_in_model(lora, body)
         trainable = [p for name, p in body.named_parameters() if "lora_" in name]
+        for module in body.modules():
+            if isinstance(module, LoraLayer) and not module.lora_variant:  # DoRA & co keep peft's forward
+                module.forward = types.MethodType(_lora_on_last_rows, module)
     else:
         trainable = [p for p in body.parameters() if p is not embedding.weight]
     for param in trainable:
@@ -144,6 +171,41 @@ class Coprocessor(nn.Module):
             raise RuntimeError("latent_source='pre_norm' but the final norm did not run: the capture hook is "
                                "registered when the Coprocessor is built with that config")
         hidden = captured[-1] if captured else out.last_hidden_state
+        latents = self.to_embedding_space(hidden)
+        return latents if anchor is None else latents + anchor.to(latents.dtype)
+
+    @property
+    def reads_after_prompt(self) -> bool:
+        """Whether `read_after_prompt` can run the prompt and the soft tokens in one pass: the coprocessor is the
+        decoder's own weights (LoRA, shared) and its soft tokens attend causally, as the decoder's tokens do."""
+        return (self.body is not None and self.config.uses_lora and self.config.soft_token_attention == "causal"
+                and all(not m.lora_variant for m in self.body.modules() if isinstance(m, LoraLayer)))
+
+    def read_after_prompt(self, prompt_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                          cache: Cache, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's prefill and this coprocessor's pass in one: [prompt; N soft tokens] through the body, the
+        LoRA update on the soft tokens only. The prompt rows then compute exactly the decoder's prefill (same
+        weights) and leave its cache in `cache`; the soft tokens attend to it and causally to each other, as in
+        `forward` over a fork of that cache. Returns the latents [B, N, hidden]; `cache` ends with the prompt.
+
+        `attention_mask` [B, L + N] and `position_ids` [B, L + N] cover the prompt and the soft tokens. One pass
+        instead of two reads the weights once: at inference that is one decoding step less before the first token.
+        """
+        if not self.reads_after_prompt:
+            raise RuntimeError("read_after_prompt needs a LoRA coprocessor with causal soft-token attention")
+        n = self.config.num_latents
+        embeds = torch.cat([prompt_embeds, self.pause_tokens(prompt_embeds.shape[0], 1).to(prompt_embeds.dtype)], 1)
+        captured: list[torch.Tensor] = []
+        pre_norm = _PRE_NORM_CAPTURE.set(captured if self.config.latent_source == "pre_norm" else None)
+        rows = _LORA_ROWS.set(n)
+        try:
+            out = self.body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True)
+        finally:
+            _LORA_ROWS.reset(rows)
+            _PRE_NORM_CAPTURE.reset(pre_norm)
+        cache.crop(-n)  # the soft tokens' keys and values belong to the coprocessor, not to the decoder's cache
+        hidden = (captured[-1] if captured else out.last_hidden_state)[:, -n:]
         latents = self.to_embedding_space(hidden)
         return latents if anchor is None else latents + anchor.to(latents.dtype)
 

@@ -264,12 +264,28 @@ class AugmentedLM(nn.Module):
     def augment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
         """Run the prompt, call the coprocessor once at its end, and write the latents into the cache.
 
-        Batches must be left-padded (as for `generate`); each row gives what it would alone.
+        Batches must be left-padded (as for `generate`); each row gives what it would alone. A LoRA coprocessor
+        reads the prompt in the decoder's own prefill pass (`Coprocessor.read_after_prompt`): the same cache and
+        latents as `augment_with_grad`, one pass over the weights fewer.
         """
-        return self.augment_with_grad(input_ids, attention_mask)
+        return self._augment(input_ids, attention_mask, shared_pass=True)
 
     def augment_with_grad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
-        """`augment` with autograd left as it is (what a naive, per-position trainer calls)."""
+        """`augment` with autograd left as it is (what a naive, per-position trainer calls): the decoder's prefill,
+        then the coprocessor over a fork of its cache, the straightforward computation."""
+        return self._augment(input_ids, attention_mask, shared_pass=False)
+
+    def _augment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                 shared_pass: bool) -> AugmentOutput:
+        cache, latents, extended_mask, latent_pos, next_pos = self._prompt_and_latents(input_ids, attention_mask,
+                                                                                      shared_pass=shared_pass)
+        out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask, next_pos, latent_pos)
+
+    def _prompt_and_latents(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, shared_pass: bool):
+        """(the prompt's plain cache, latents [B, N, H], mask over prompt + latents, latent position ids, position id
+        of the text after the latents), the inputs checked first."""
         coprocessor = self._require_coprocessor()
         input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
         if not bool(attention_mask[:, -1].all()):
@@ -286,19 +302,32 @@ class AugmentedLM(nn.Module):
                        int(latent_pos.max().clamp(min=prefix_pos.max())), int(attention_mask.sum(1).max()) + n)
 
         cache = DynamicCache()
-        self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
-                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if shared_pass and coprocessor.reads_after_prompt:
+            latents = coprocessor.read_after_prompt(self._embed(input_ids), extended_mask,
+                                                    torch.cat([prefix_pos, latent_pos], dim=1), cache,
+                                                    anchor=self._latent_anchor(input_ids, attention_mask, last))
+        else:
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+            latents = self.prompt_latents(fork_cache(cache), input_ids, attention_mask)
+        return cache, latents, extended_mask, latent_pos, next_pos
+
+    def prompt_latents(self, cache: DynamicCache, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, N, H]: the coprocessor's latents for a left-padded prompt whose plain cache is `cache` (extended in
+        place: pass a fork). What `augment` writes after the prompt; asynchronous generation runs it on the side."""
+        coprocessor = self._require_coprocessor()
+        n, layout = coprocessor.config.num_latents, coprocessor.config.latent_positions
+        prefix_pos = prefix_position_ids(attention_mask)
+        last = torch.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, device=input_ids.device)
         anchor = self._latent_anchor(input_ids, attention_mask, last)
         if coprocessor.config.soft_token_attention == "causal":
             # the model's own causal mask: an independent check on dca.masks in the tests
-            latents = coprocessor(fork_cache(cache), extended_mask, latent_pos, anchor=anchor)
-        else:
-            soft_mask, soft_pos, _ = self._group_inputs(attention_mask, prefix_pos, last, n, causal=False,
-                                                        num_latents=n)
-            latents = coprocessor(fork_cache(cache), soft_mask, soft_pos, anchor=anchor)
-        out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask, next_pos, latent_pos)
+            extended_mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], n)], dim=1)
+            latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=layout)
+            return coprocessor(cache, extended_mask, latent_pos, anchor=anchor)
+        soft_mask, soft_pos, _ = self._group_inputs(attention_mask, prefix_pos, last, n, causal=False, num_latents=n)
+        return coprocessor(cache, soft_mask, soft_pos, anchor=anchor)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -309,7 +338,7 @@ class AugmentedLM(nn.Module):
         Lengths count the prompt and the new tokens; beam search and several return sequences work; streamers,
         stopping criteria and logits processors see the prompt and the new tokens, never the latents. With
         `return_dict_in_generate=True`, `sequences` are prompt + new tokens, and the first step's hidden states and
-        attentions cover the last latent only (the rest of the augmented cache was computed before `generate`).
+        attentions cover the N latents only (the prompt's cache was computed before `generate`).
         With `augment=False`, or without a coprocessor, this is exactly `decoder.generate`.
         """
         if not augment or self.coprocessor is None:
@@ -319,15 +348,16 @@ class AugmentedLM(nn.Module):
         input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
         n = self.coprocessor.config.num_latents
         call = generate_arguments(self.decoder, generation_config, generate_kwargs, input_ids.shape[1] + n)
-        out = self.augment(input_ids, attention_mask)
-        cache = out.past_key_values
-        cache.crop(-1)  # `generate` must process at least one input itself: the last latent, as an embedding
+        # the prompt's cache without the latents: generate writes them itself, as its first step, whose logits give
+        # the first token (writing them here would cost a pass, and generate would still have to rerun the last one)
+        cache, latents, extended_mask, latent_pos, _ = self._prompt_and_latents(input_ids, attention_mask,
+                                                                               shared_pass=True)
         if call.rows > 1:
             cache.batch_repeat_interleave(call.rows)  # generate repeats every tensor argument, but not a cache
-        embeds = torch.cat([self._embed(input_ids), out.latents], dim=1)
+        embeds = torch.cat([self._embed(input_ids), latents], dim=1)
         # explicit position ids (generate continues them from the last one): latents may consume none
-        position_ids = torch.cat([prefix_position_ids(attention_mask), out.latent_position_ids], dim=1)
-        return self.decoder.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=out.attention_mask,
+        position_ids = torch.cat([prefix_position_ids(attention_mask), latent_pos], dim=1)
+        return self.decoder.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=extended_mask,
                                      position_ids=position_ids, past_key_values=cache,
                                      generation_config=call.generation_config, **call.kwargs)
 
