@@ -77,3 +77,26 @@ def test_no_coprocessor_is_the_frozen_model(served_dirs, served):
     assert result == [{"prompt": "the cat sees", "frozen": reference(model, tokenizer, "the cat sees", False,
                                                                       max_new_tokens=5, do_sample=False)}]
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "bench-serve"])
+def test_help_works(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--max-wait-ms", "-1"], "--max-wait-ms"),
+    (["serve", "--coprocessor", "/no/such/coprocessor"], "--coprocessor"),
+    (["serve", "--model", "/no/such/model"], "--model"),
+    (["bench-serve", "--concurrency", "4", "0"], "--concurrency"),
+    (["bench-serve", "--requests", "0"], "--requests"),
+])
+def test_serve_arguments_are_checked_before_anything_loads(argv, names, capsys, monkeypatch):
+    monkeypatch.setattr("dca.serve.loading.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert names in err and "\n" not in err

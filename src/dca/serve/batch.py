@@ -13,7 +13,9 @@ Rows of a batch may differ in everything but `augment`: their prompts are left-p
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -107,14 +109,17 @@ def _warpers(sampling: Sampling) -> LogitsProcessorList:
 class RowStopping(StoppingCriteria):
     """Per-row bookkeeping after every new token; returns which rows are done."""
 
-    def __init__(self, rows: list[Row], tokenizer: PreTrainedTokenizerBase, eos_ids: set[int]):
+    def __init__(self, rows: list[Row], tokenizer: PreTrainedTokenizerBase, eos_ids: set[int],
+                 tokenizer_lock: threading.Lock | None = None):
         self.rows, self.tokenizer, self.eos_ids = rows, tokenizer, eos_ids
+        self.lock = tokenizer_lock or contextlib.nullcontext()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
         for row, token in zip(self.rows, new, strict=True):
             if row.finish_reason is None:
-                _advance(row, token, self.tokenizer, self.eos_ids)
+                with self.lock:  # a fast tokenizer used from two threads at once can fail ("Already borrowed")
+                    _advance(row, token, self.tokenizer, self.eos_ids)
         return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
 
 
@@ -164,17 +169,17 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 def generate_rows(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
-                  augment: bool | str = True) -> None:
+                  augment: bool | str = True, tokenizer_lock: threading.Lock | None = None) -> None:
     """Continue every row in one `generate` call; each row's tokens, text and finish_reason are filled in.
 
-    `augment` goes to `AugmentedLM.generate` unchanged.
+    `augment` goes to `AugmentedLM.generate` unchanged; `tokenizer_lock` is held while the tokenizer decodes.
     """
     input_ids, mask = left_pad([row.prompt_ids for row in rows], tokenizer.pad_token_id, model.device)
     eos = eos_token_ids(model, tokenizer)
     model.generate(input_ids, mask, augment=augment, max_new_tokens=max(row.max_tokens for row in rows),
                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
                    eos_token_id=sorted(eos) or None, logits_processor=LogitsProcessorList([RowSampler(rows)]),
-                   stopping_criteria=StoppingCriteriaList([RowStopping(rows, tokenizer, eos)]))
+                   stopping_criteria=StoppingCriteriaList([RowStopping(rows, tokenizer, eos, tokenizer_lock)]))
     for row in rows:  # generate can end at max_new_tokens before a row's own criterion saw its last token
         if row.finish_reason is None:
             row.finish_reason = "length"

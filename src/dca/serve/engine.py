@@ -59,6 +59,7 @@ class Engine:
                  max_wait: float = 0.01, max_queue: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
+        self.tokenizer_lock = threading.Lock()  # whoever encodes beside the worker's decoding holds it
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -141,7 +142,7 @@ class Engine:
                     self.stats["batches"] += 1
                     self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(len(j.rows) for j in live))
                     generate_rows(self.model, self.tokenizer, [row for job in live for row in job.rows],
-                                  live[0].augment)
+                                  live[0].augment, self.tokenizer_lock)
             except Exception as err:  # a bug or a bad input that got past validation: fail these jobs, keep serving
                 for job in live:
                     job.error = err

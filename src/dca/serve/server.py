@@ -84,6 +84,10 @@ class Handler:
         self.vocab = engine.model.decoder.get_input_embeddings().num_embeddings
 
     def _prompt_ids(self, req: Request) -> list[list[int]]:
+        with self.engine.tokenizer_lock:
+            return self._tokenize(req)
+
+    def _tokenize(self, req: Request) -> list[list[int]]:
         if req.chat:
             try:
                 text = chat_text(self.tokenizer, req.messages)
