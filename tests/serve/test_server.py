@@ -22,10 +22,10 @@ PROMPTS = ["the cat sees", "a big red dog chases the small bird and then", "the 
 
 
 @contextlib.contextmanager
-def running(model, tokenizer, **engine_kwargs):
+def running(model, tokenizer, default_augment=True, **engine_kwargs):
     """(openai client, port, engine) of a fresh server; stopped (and drained) on exit."""
     engine = Engine(model, tokenizer, **{"max_batch": 8, "max_wait": 0.01, **engine_kwargs})
-    server, thread, port = start_in_thread(create_app(engine, NAME))
+    server, thread, port = start_in_thread(create_app(engine, NAME, default_augment))
     try:
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), port, engine
     finally:
@@ -93,6 +93,18 @@ def test_greedy_completion_is_generate(server, served, augment):
         assert answer.choices[0].text == greedy(model, tokenizer, tokenizer(prompt).input_ids, augment, 10)
         assert answer.usage.prompt_tokens == len(tokenizer(prompt).input_ids)
         assert answer.usage.completion_tokens <= 10
+
+
+def test_the_servers_default_augment_applies_to_requests_that_do_not_say(served):
+    model, tokenizer = served
+    ids = tokenizer(PROMPTS[1]).input_ids
+    frozen, augmented = (greedy(model, tokenizer, ids, augment, 10) for augment in (False, True))
+    assert frozen != augmented  # this prompt tells them apart
+    with running(model, tokenizer, default_augment=False) as (client, _, _):
+        assert client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=10,
+                                         temperature=0).choices[0].text == frozen
+        assert client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                         extra_body={"augment": True}).choices[0].text == augmented
 
 
 def test_streamed_completion_is_the_same_text_and_ends_with_done(server):

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-# what a request's `augment` may say; each value is passed to AugmentedLM.generate(augment=...) as it is
-AUGMENT_VALUES: tuple[Any, ...] = (True, False)
+# what a request's `augment` may say (and `dca serve --augment`, by name): each value is passed to
+# AugmentedLM.generate(augment=...) as it is, so a new mode of generate needs only a line here
+AUGMENT_OPTIONS: dict[str, Any] = {"true": True, "false": False}
+AUGMENT_VALUES: tuple[Any, ...] = tuple(AUGMENT_OPTIONS.values())
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512  # chat's default is "the rest of the context", capped at this
 MAX_STOP = 4
@@ -118,7 +120,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def parse_request(body: Any, *, chat: bool, max_n: int) -> Request:
+def parse_request(body: Any, *, chat: bool, max_n: int, default_augment: Any = True) -> Request:
     """Check a /v1/completions (or, with `chat`, /v1/chat/completions) body."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", None, "invalid_json")
@@ -134,7 +136,7 @@ def parse_request(body: Any, *, chat: bool, max_n: int) -> Request:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be true or false, got {stream!r}", "stream", "invalid_type")
-    augment = body.get("augment", True)
+    augment = body.get("augment", default_augment)
     if not any(augment is v or (isinstance(v, str) and augment == v) for v in AUGMENT_VALUES):
         raise RequestError(f"augment must be one of {json.dumps(list(AUGMENT_VALUES))}, got {json.dumps(augment)}",
                            "augment", "invalid_value")

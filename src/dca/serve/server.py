@@ -23,13 +23,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from dca.checks import check_device, check_int, check_number
+from dca.checks import check_choice, check_device, check_int, check_number
 from dca.config import help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.serve.batch import Row, Sampling
 from dca.serve.engine import Engine, Job, QueueFull, ShuttingDown
 from dca.serve.loading import chat_text, check_sources, context_limit, load_served, num_latents
 from dca.serve.protocol import (
+    AUGMENT_OPTIONS,
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
     Request,
@@ -58,6 +59,8 @@ class ServeArgs:
     max_queue: int = field(default=64, metadata=help_meta("waiting requests beyond which new ones get a 503"))
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, ..."))
     served_name: str = field(default="", metadata=help_meta("the model id clients name (default: the model's)"))
+    augment: str = field(default="true", metadata=help_meta("what a request without an `augment` field gets",
+                                                            tuple(AUGMENT_OPTIONS)))
 
     def __post_init__(self) -> None:
         check_int("port", self.port, minimum=0)
@@ -67,6 +70,7 @@ class ServeArgs:
         check_int("max_queue", self.max_queue)
         check_number("max_wait_ms", self.max_wait_ms, low=0.0, high=60_000.0)
         check_device("device", self.device)
+        check_choice("augment", self.augment, tuple(AUGMENT_OPTIONS))
 
 
 def _sse(payload: dict | str) -> str:
@@ -155,7 +159,7 @@ class Handler:
         while not job.done.is_set():
             try:
                 await asyncio.wait_for(events.get(), timeout=0.1)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 pass
             if not job.done.is_set() and await http.is_disconnected():
                 job.cancel()
@@ -184,8 +188,9 @@ class Handler:
                 job.cancel()  # the client went away
 
 
-def create_app(engine: Engine, name: str):
-    """The FastAPI app serving `engine`'s model as `name`; it starts the engine, and drains it on shutdown."""
+def create_app(engine: Engine, name: str, default_augment: Any = True):
+    """The FastAPI app serving `engine`'s model as `name`; it starts the engine, and drains it on shutdown.
+    `default_augment` is the `augment` of requests that do not say."""
     try:
         from fastapi import FastAPI
         from fastapi import Request as HTTPRequest
@@ -219,7 +224,8 @@ def create_app(engine: Engine, name: str):
             body = await http.json()
         except ValueError:
             raise RequestError("the request body is not valid JSON", None, "invalid_json") from None
-        return await handler.complete(http, parse_request(body, chat=chat, max_n=engine.max_batch))
+        return await handler.complete(http, parse_request(body, chat=chat, max_n=engine.max_batch,
+                                                          default_augment=default_augment))
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -273,7 +279,7 @@ def run_serve(args: ServeArgs) -> None:
     except ImportError as err:
         raise ResourceError(f"dca serve needs FastAPI and uvicorn: pip install -e '.[serve]' ({err})") from None
     engine, name = engine_for(args)
-    app = create_app(engine, name)
+    app = create_app(engine, name, AUGMENT_OPTIONS[args.augment])
     print(f"dca serve: {name} ({handler_summary(engine)}) at http://{args.host}:{args.port}/v1", flush=True)
     # no graceful-shutdown timeout: on SIGTERM every open request is finished before the process exits
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
