@@ -331,16 +331,29 @@ class AugmentedLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 augment: bool = True, generation_config: GenerationConfig | None = None,
-                 **generate_kwargs: Any) -> torch.Tensor | ModelOutput:
+                 augment: bool | str = True, generation_config: GenerationConfig | None = None,
+                 store: str | Path | Any | None = None, **generate_kwargs: Any) -> torch.Tensor | ModelOutput:
         """transformers' `generate`, from an augmented cache; every argument means what it means there.
 
         Lengths count the prompt and the new tokens; beam search and several return sequences work; streamers,
         stopping criteria and logits processors see the prompt and the new tokens, never the latents. With
         `return_dict_in_generate=True`, `sequences` are prompt + new tokens, and the first step's hidden states and
         attentions cover the N latents only (the prompt's cache was computed before `generate`).
-        With `augment=False`, or without a coprocessor, this is exactly `decoder.generate`.
+        With `augment=False`, or without a coprocessor, this is exactly `decoder.generate`. With `augment="async"`
+        decoding starts before the latents exist and they are written in when ready, or after exactly
+        `latent_delay=d` new tokens (`dca.serve.asynchronous`; greedy search and sampling). With `store` (a folder or
+        a `dca.serve.store.ContextStore`) a prompt that starts with a stored document continues from that document's
+        stored augmented cache and only the rest of the prompt is prefilled (`dca.serve.store`).
         """
+        if store is not None and augment is not False and self.coprocessor is not None:
+            from dca.serve.store import generate_with_store
+
+            return generate_with_store(self, store, input_ids, attention_mask, augment, generation_config,
+                                       generate_kwargs)
+        if isinstance(augment, str) or "latent_delay" in generate_kwargs:
+            from dca.serve.asynchronous import generate_dispatch
+
+            return generate_dispatch(self, input_ids, attention_mask, augment, generation_config, generate_kwargs)
         if not augment or self.coprocessor is None:
             return self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          generation_config=generation_config, **generate_kwargs)
