@@ -1,0 +1,192 @@
+"""Stored augmented contexts: reuse equals recomputation token by token; mismatched models or tokens and damaged
+entries are never served."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_decoder
+
+from dca import AugmentedLM, CoprocessorConfig
+from dca.serve.store import ENTRY_NAME, TENSORS_NAME, ContextStore, StoreError, model_identity
+
+NEW = 6
+
+
+def make_model(family="llama", seed=0, **config):
+    config = {"num_latents": 3, "num_ahead": 2, "lora_rank": 4, **config}
+    model = AugmentedLM.from_decoder(tiny_decoder(family, "eager", seed=seed), CoprocessorConfig(**config)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter, so that the latents matter
+        for param in model.coprocessor.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+def doc_and_prompt(doc_len=8, rest_len=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    doc = torch.randint(6, VOCAB, (doc_len,), generator=generator)
+    return doc, torch.cat([doc, torch.randint(6, VOCAB, (rest_len,), generator=generator)])[None]
+
+
+def reference_tokens(model, doc, prompt, steps=NEW, with_logits=False):
+    """Augment the document alone, feed the rest of the prompt after its latents, then decode greedily: by hand."""
+    with torch.no_grad():
+        out = model.augment(doc[None])
+        cache, mask, position = out.past_key_values, out.attention_mask, out.next_position_ids
+        rest, logits, tokens, scores = prompt[:, doc.numel():], out.logits, [], []
+        if rest.shape[1]:
+            positions = position + torch.arange(rest.shape[1])
+            mask = torch.cat([mask, torch.ones_like(rest)], 1)
+            logits = model.decoder(input_ids=rest, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                   use_cache=True).logits[:, -1]
+            position = positions[:, -1:] + 1
+        for _ in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            scores.append(logits)
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            logits = model.decoder(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                                   use_cache=True).logits[:, -1]
+            position = position + 1
+    return (torch.cat(tokens, 1), torch.stack(scores, 1)) if with_logits else torch.cat(tokens, 1)
+
+
+def generated(model, prompt, store):
+    out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, store=store)
+    return out[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("layout", ["replay", "after"])
+@pytest.mark.parametrize("rest_len", [0, 4])
+def test_a_stored_context_gives_the_tokens_of_augmenting_the_document_then_feeding_the_rest(
+        tmp_path, family, layout, rest_len):
+    model = make_model(family, latent_positions=layout)
+    doc, prompt = doc_and_prompt(rest_len=rest_len)
+    store = ContextStore(tmp_path / "store")
+    store.put(model, doc)
+    expected, logits = reference_tokens(model, doc, prompt, with_logits=True)
+    out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, store=store,
+                         output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, prompt.shape[1]:], expected)
+    torch.testing.assert_close(torch.stack(out.logits, 1), logits, rtol=1e-5, atol=1e-5)
+    assert store.stats["hits"] == 1 and store.stats["recomputed"] == 0
+    # a store named by its folder, as dca generate passes it, serves the same
+    assert torch.equal(generated(model, prompt, tmp_path / "store"), expected)
+
+
+def test_the_longest_stored_document_is_used_and_a_prompt_without_one_is_augmented_at_its_end(tmp_path):
+    model = make_model()
+    doc, prompt = doc_and_prompt(doc_len=8, rest_len=5)
+    store = ContextStore(tmp_path)
+    store.put(model, doc[:4])
+    store.put(model, doc)
+    assert torch.equal(generated(model, prompt, store), reference_tokens(model, doc, prompt))
+    other = torch.randint(6, VOCAB, (1, 10), generator=torch.Generator().manual_seed(7))
+    plain = model.generate(other, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(generated(model, other, store), plain[:, 10:])
+    assert store.stats["misses"] == 1
+
+
+def test_a_stored_context_equals_a_fresh_augment(tmp_path):
+    model = make_model("qwen2")
+    doc, _ = doc_and_prompt()
+    store = ContextStore(tmp_path)
+    store.put(model, doc)
+    loaded, fresh = store.load(model, doc), model.augment(doc[None])
+    assert torch.equal(loaded.latents, fresh.latents) and torch.equal(loaded.logits, fresh.logits)
+    assert torch.equal(loaded.next_position_ids, fresh.next_position_ids)
+    for a, b in zip(loaded.past_key_values.layers, fresh.past_key_values.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_another_decoder_another_coprocessor_or_other_tokens_are_never_served(tmp_path):
+    model = make_model()
+    doc, prompt = doc_and_prompt()
+    store = ContextStore(tmp_path)
+    entry = store.put(model, doc).path
+
+    other_decoder = make_model(seed=1)  # same architecture, other weights
+    other_coprocessor = make_model()
+    with torch.no_grad():
+        other_coprocessor.coprocessor.latent_gain.add_(0.5)
+    other_tokens = prompt.clone()
+    other_tokens[0, 3] = (other_tokens[0, 3] + 1) % VOCAB
+    for other, ids in ((other_decoder, prompt), (other_coprocessor, prompt), (model, other_tokens)):
+        hits = store.stats["hits"]
+        plain = other.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(generated(other, ids, store), plain[:, ids.shape[1]:])  # augmented at the prompt's end
+        assert store.stats["hits"] == hits
+        with pytest.raises(StoreError):
+            store.load(other, ids[0, :doc.numel()]) if other is not model else store.load(model, ids[0, :8])
+
+    # an entry planted under another model's key (renamed) is refused by its own record, then recomputed
+    planted = store.entry_path(model_identity(other_decoder), doc)
+    entry.rename(planted)
+    with pytest.raises(StoreError, match="another decoder or coprocessor"):
+        store.load(other_decoder, doc)
+    with pytest.warns(UserWarning, match="another decoder or coprocessor"):
+        tokens = generated(other_decoder, prompt, store)
+    assert torch.equal(tokens, reference_tokens(other_decoder, doc, prompt))
+    assert store.load(other_decoder, doc).path == planted  # rewritten for the model that asked
+
+
+def flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_entry(path):
+    meta = json.loads(path.read_text())
+    meta["num_latents"] = 2
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage,file", [(flip_bytes, TENSORS_NAME), (truncate, TENSORS_NAME),
+                                         (truncate, ENTRY_NAME), (edit_entry, ENTRY_NAME)])
+def test_a_damaged_entry_is_detected_recomputed_and_rewritten(tmp_path, damage, file):
+    model = make_model("gemma2")
+    doc, prompt = doc_and_prompt()
+    store = ContextStore(tmp_path)
+    entry = store.put(model, doc).path
+    good = {name: (entry / name).read_bytes() for name in (TENSORS_NAME, ENTRY_NAME)}
+    damage(entry / file)
+    with pytest.raises(StoreError):
+        store.load(model, doc)
+    with pytest.warns(UserWarning, match="not served"):
+        tokens = generated(model, prompt, store)
+    assert torch.equal(tokens, reference_tokens(model, doc, prompt))
+    assert store.stats["recomputed"] == 1 and store.stats["hits"] == 0
+    assert {name: (entry / name).read_bytes() for name in good} == good  # rewritten as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(generated(model, prompt, store), tokens)
+    assert store.stats["hits"] == 1
+
+
+def test_bad_calls_are_refused_with_a_message(tmp_path):
+    model = make_model()
+    doc, prompt = doc_and_prompt()
+    store = ContextStore(tmp_path)
+    with pytest.raises(ValueError, match="one prompt without padding"):
+        model.generate(prompt.repeat(2, 1), store=store, max_new_tokens=2)
+    with pytest.raises(ValueError, match="augment=True"):
+        model.generate(prompt, store=store, augment="async", max_new_tokens=2)
+    with pytest.raises(ValueError, match="1-D LongTensor"):
+        store.put(model, doc[None])
+    with pytest.raises(ValueError, match="token ids must lie"):
+        store.put(model, doc + VOCAB)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        ContextStore(tmp_path / "file")
+    with pytest.raises(StoreError, match="needs a coprocessor"):
+        ContextStore(tmp_path).put(AugmentedLM(model.decoder), doc)
