@@ -1,6 +1,7 @@
 """`dca generate`: prompts from arguments, a file or standard input; frozen vs augmented; streamed."""
 
 import io
+import types
 
 import pytest
 import torch
@@ -100,3 +101,15 @@ def test_serve_arguments_are_checked_before_anything_loads(argv, names, capsys, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert names in err and "\n" not in err
+
+
+def test_prompt_is_repeatable(served_dirs, monkeypatch):
+    import dca.serve.generate as generate
+
+    seen = []
+    monkeypatch.setattr(generate, "read_prompts", lambda args: seen.append(list(args.prompt)) or [])
+    # nothing is continued: only the parsing matters
+    monkeypatch.setattr(generate, "load_served", lambda *a, **k: (types.SimpleNamespace(coprocessor=None), None))
+    monkeypatch.setattr(GenerateArgs, "generation_config", lambda self, tokenizer: None)
+    assert main(["generate", "--model", served_dirs[0], "--prompt", "a", "b", "--prompt", "c"]) == 0
+    assert seen == [["a", "b", "c"]]

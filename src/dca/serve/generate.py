@@ -26,8 +26,8 @@ class GenerateArgs:
 
     model: str = field(default="smollm2-135m", metadata=help_meta("the frozen decoder (builtin name or folder)"))
     coprocessor: str | None = field(default=None, metadata=help_meta("a saved coprocessor for it (none: frozen)"))
-    prompt: list[str] = field(default_factory=list, metadata=help_meta("prompts (`--prompt A B`); else --file, "
-                                                                        "else standard input"))
+    prompt: list[str] = field(default_factory=list, metadata={**help_meta(
+        "prompts (`--prompt A --prompt B` or `--prompt A B`); else --file, else standard input"), "repeatable": True})
     file: str | None = field(default=None, metadata=help_meta("a text file with one prompt per line"))
     augment: bool = field(default=True, metadata=help_meta("augment the cache (--no-augment: the frozen model)"))
     compare: bool = field(default=False, metadata=help_meta("print the frozen and the augmented continuation"))
