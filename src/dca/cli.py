@@ -70,6 +70,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from dca.serve.bench import BenchServeArgs, run_bench_serve
     from dca.serve.generate import GenerateArgs, run_generate
     from dca.serve.server import ServeArgs, run_serve
+    from dca.serve.store_cli import CacheBenchArgs, CacheBuildArgs, run_cache_bench, run_cache_build
     from dca.studies.bench import BenchArgs, run_bench
     from dca.studies.demo import DemoArgs, run_demo
     from dca.studies.init_study import InitStudyArgs, run_init_study
@@ -86,6 +87,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "generate": (GenerateArgs, run_generate, "continue prompts, streamed; --compare frozen vs augmented"),
         "serve": (ServeArgs, run_serve, "an OpenAI-compatible HTTP server for a model and its coprocessor"),
         "bench-serve": (BenchServeArgs, run_bench_serve, "latency and throughput of `dca serve` under load"),
+        # two-word commands: `dca cache build`, `dca cache bench`
+        "cache build": (CacheBuildArgs, run_cache_build, "store the augmented caches of documents, for reuse"),
+        "cache bench": (CacheBenchArgs, run_cache_bench, "time to first token with stored contexts and without"),
     }
 
 
@@ -93,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="dca", description="Differentiable Cache Augmentation for frozen LMs")
     sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, Any] = {}
     for name, (args_cls, _, help_text) in commands.items():
-        add_dataclass_arguments(sub.add_parser(name, help=help_text, description=help_text), args_cls)
+        group, _, action = name.partition(" ")
+        if action and group not in groups:
+            groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(dest="_action",
+                                                                                           required=True)
+        target = groups[group] if action else sub
+        add_dataclass_arguments(target.add_parser(action or name, help=help_text, description=help_text), args_cls)
     namespace = parser.parse_args(argv)
+    if getattr(namespace, "_action", None):
+        namespace.command = f"{namespace.command} {namespace._action}"
     args_cls, run, _ = commands[namespace.command]
     try:
         run(dataclass_from_namespace(args_cls, namespace))

@@ -190,3 +190,36 @@ def test_bad_calls_are_refused_with_a_message(tmp_path):
         ContextStore(tmp_path / "file")
     with pytest.raises(StoreError, match="needs a coprocessor"):
         ContextStore(tmp_path).put(AugmentedLM(model.decoder), doc)
+
+
+def test_dca_cache_build_stores_each_document_and_generate_reuses_it(served_dirs, tmp_path, capsys):
+    from dca.cli import main
+    from dca.serve.loading import load_served
+
+    model_dir, coprocessor_dir = served_dirs
+    docs = tmp_path / "docs.txt"
+    docs.write_text("the cat sees a dog .\n\nthe big red house and a small tree .\n")
+    store = tmp_path / "store"
+    assert main(["cache", "build", "--model", model_dir, "--coprocessor", coprocessor_dir, "--docs", str(docs),
+                 "--out", str(store), "--device", "cpu"]) == 0
+    assert "2 augmented contexts stored" in capsys.readouterr().out
+    model, tokenizer = load_served(model_dir, coprocessor_dir, device="cpu")
+    doc = torch.tensor(tokenizer("the big red house and a small tree .").input_ids)
+    prompt = torch.tensor([tokenizer("the big red house and a small tree . the cat").input_ids])
+    assert torch.equal(prompt[0, :doc.numel()], doc)
+    reused = ContextStore(store)
+    assert torch.equal(generated(model, prompt, reused), reference_tokens(model, doc, prompt))
+    assert reused.stats["hits"] == 1
+
+
+def test_dca_cache_build_refuses_bad_arguments_in_one_line(served_dirs, tmp_path, capsys):
+    from dca.cli import main
+
+    model_dir, coprocessor_dir = served_dirs
+    (tmp_path / "file").write_text("x")
+    bad = ((["--max-tokens", "0"], "--max-tokens"), (["--docs", str(tmp_path / "no.txt")], "--docs"),
+           (["--out", str(tmp_path / "file")], "--out"), (["--coprocessor", str(tmp_path)], "--coprocessor"))
+    for argv, option in bad:
+        code = main(["cache", "build", "--model", model_dir, "--coprocessor", coprocessor_dir, *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and option in err, err
