@@ -103,6 +103,12 @@ class BenchArgs:
     out: str = field(default="runs/bench.json", metadata=help_meta("where to write the JSON results (and the "
                                                                    "P-sweep plot beside it)"))
     memory: bool = field(default=True, metadata=help_meta("also measure peak memory (one child process per method)"))
+    latency: bool = field(default=False, metadata=help_meta("time to first token with augmentation against the "
+                                                            "plain prefill instead (dca.studies.latency)"))
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 512, 1024],
+                                      metadata=help_meta("prompt lengths of --latency"))
+    model: str = field(default="smollm2-135m", metadata=help_meta("decoder of --latency"))
+    coprocessor: str = field(default="coprocessors/smollm2-135m-wiki", metadata=help_meta("coprocessor of --latency"))
 
     def __post_init__(self) -> None:
         self.sizes = [name for entry in self.sizes for name in ALIASES.get(entry, [entry])]
@@ -112,6 +118,10 @@ class BenchArgs:
                                          f"{list(ALIASES)}")
         check_int("repeats", self.repeats)
         check_device("device", self.device)
+        if not self.prompt_lengths:
+            raise ArgumentError("prompt_lengths", "needs at least one length")
+        for length in self.prompt_lengths:
+            check_int("prompt_lengths", length)
 
 
 def _setup(size: BenchSize, device: str, seed: int = 0):
@@ -211,6 +221,10 @@ def measure_memory(size_name: str, method: str, device: str) -> float:
 
 
 def run_bench(args: BenchArgs) -> dict:
+    if args.latency:
+        from dca.studies.latency import run_latency
+
+        return run_latency(args)
     check_writable_file("out", args.out)
     rows = []
     for name in args.sizes:

@@ -1,0 +1,123 @@
+"""`dca bench --latency`: time to first token with augmentation against the plain prefill, by prompt length.
+
+At inference the coprocessor is called once, at the end of the prompt. What that adds before the first token:
+
+* ``prefill``       -- the frozen decoder over the prompt (``logits_to_keep=1``): the plain time to first token;
+* ``decode step``   -- one single-token step of the frozen decoder after that prompt;
+* ``augment``       -- `AugmentedLM.augment`: the prompt and the N soft tokens in one pass (a LoRA coprocessor's
+  update on the soft tokens only, `Coprocessor.read_after_prompt`), then the N latents, with their logits;
+* ``augment, two passes`` -- the straightforward computation (`augment_with_grad` without gradients): prefill,
+  coprocessor over a fork of the cache, latents -- what `augment` did before;
+* ``generate, frozen`` / ``generate, augmented`` -- transformers' `generate` for one new token, end to end.
+
+The target (issue 10): augmented time to first token <= (prefill + 2 decode steps) x 1.05. Times are medians of
+interleaved repeats; machines are noisy, ratios taken side by side are what to quote.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from dca.cache import fork_cache
+from dca.model import AugmentedLM
+
+WAYS = ("prefill", "decode step", "augment", "augment, two passes", "generate, frozen", "generate, augmented")
+TARGET_STEPS, TARGET_SLACK = 2, 1.05
+
+
+def prompt_ids(tokenizer, length: int) -> torch.Tensor:
+    """[1, length] token ids of real text (held-out Wikipedia lead sections, joined), not random ids."""
+    from dca.resources import load_texts
+
+    ids: list[int] = []
+    for text in load_texts("wiki", limit=400)[::-1]:  # from the end: the training run read the start
+        ids += tokenizer(text + "\n\n").input_ids
+        if len(ids) >= length:
+            return torch.tensor([ids[:length]])
+    raise RuntimeError(f"the wiki corpus holds fewer than {length} tokens")
+
+
+def _ways(model: AugmentedLM, ids: torch.Tensor) -> dict:
+    decoder, length = model.decoder, ids.shape[1]
+    prefix = decoder(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    step_ids, step_pos = ids[:, -1:], torch.tensor([[length]], device=ids.device)
+    kwargs = dict(max_new_tokens=1, do_sample=False, pad_token_id=0)
+    return {
+        "prefill": lambda: decoder(input_ids=ids, use_cache=True, logits_to_keep=1),
+        # a fork: the step's keys go to a new tensor, the prompt's cache stays as it is for the next repeat
+        "decode step": lambda: decoder(input_ids=step_ids, position_ids=step_pos, past_key_values=fork_cache(prefix),
+                                       use_cache=True),
+        "augment": lambda: model.augment(ids),
+        "augment, two passes": lambda: model.augment_with_grad(ids),
+        "generate, frozen": lambda: model.generate(ids, augment=False, **kwargs),
+        "generate, augmented": lambda: model.generate(ids, **kwargs),
+    }
+
+
+def measure_latency(model: AugmentedLM, tokenizer, lengths: list[int], repeats: int) -> list[dict]:
+    rows = []
+    with torch.no_grad():
+        for length in lengths:
+            ids = prompt_ids(tokenizer, length).to(model.device)
+            ways = _ways(model, ids)
+            for fn in ways.values():  # warm-up
+                fn()
+            times: dict[str, list[float]] = {way: [] for way in ways}
+            for _ in range(repeats):  # interleaved: drift in machine speed hits every way alike
+                for way, fn in ways.items():
+                    if model.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    fn()
+                    if model.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times[way].append(time.perf_counter() - start)
+            med = {way: statistics.median(t) for way, t in times.items()}
+            target = (med["prefill"] + TARGET_STEPS * med["decode step"]) * TARGET_SLACK
+            rows.append({"prompt_tokens": length, "median_s": med, "times_s": times, "target_s": target,
+                         "ratio": med["augment"] / med["prefill"], "target_ratio": target / med["prefill"],
+                         "ratio_two_passes": med["augment, two passes"] / med["prefill"],
+                         "ratio_generate": med["generate, augmented"] / med["generate, frozen"],
+                         "met": med["augment"] <= target})
+            print(f"[bench latency] {length} tokens: " + ", ".join(f"{w} {s:.4f} s" for w, s in med.items()),
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def format_latency(result: dict) -> str:
+    lines = [f"time to first token: {result['model']} + {result['coprocessor']} (N = {result['num_latents']}), "
+             f"{result['device']}, {result['threads']} threads, median of {result['repeats']}", "",
+             "| prompt tokens | prefill s | decode step s | augment s | × prefill | target × (prefill + 2 steps + 5 %) "
+             "| met | two passes (before) × | generate: frozen s | generate: augmented s | × |",
+             "|" + "---|" * 11]
+    for row in result["latency"]:
+        m = row["median_s"]
+        lines.append(f"| {row['prompt_tokens']} | {m['prefill']:.3f} | {m['decode step']:.4f} | {m['augment']:.3f} "
+                     f"| {row['ratio']:.2f}x | {row['target_ratio']:.2f}x | {'yes' if row['met'] else 'no'} "
+                     f"| {row['ratio_two_passes']:.2f}x | {m['generate, frozen']:.3f} | {m['generate, augmented']:.3f} "
+                     f"| {row['ratio_generate']:.2f}x |")
+    return "\n".join(lines)
+
+
+def run_latency(args) -> dict:
+    """`dca bench --latency`: the table above for `args.model` + `args.coprocessor`, written to `args.out`."""
+    from dca.atomic import write_file
+    from dca.checks import check_coprocessor, check_writable_file
+    from dca.serve.loading import load_served
+
+    out = check_writable_file("out", args.out)
+    model, tokenizer = load_served(args.model, str(check_coprocessor("coprocessor", args.coprocessor)), args.device)
+    rows = measure_latency(model, tokenizer, list(args.prompt_lengths), args.repeats)
+    result = {"model": args.model, "coprocessor": args.coprocessor, "num_latents": model.coprocessor.config.num_latents,
+              "device": str(model.device) if model.device.type != "cuda" else torch.cuda.get_device_name(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "target": f"augment <= (prefill + {TARGET_STEPS} decode steps) x {TARGET_SLACK}", "latency": rows}
+    write_file(out, json.dumps(result, indent=2).encode())
+    print(format_latency(result))
+    print(f"\nwritten to {out}")
+    return result
