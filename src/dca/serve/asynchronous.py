@@ -1,9 +1,10 @@
 """Asynchronous augmentation (the paper's App. A.5): decode at once, write the latents in when they are ready.
 
 `generate_async` prefills the prompt x[0..t] into a plain cache and starts decoding from it straight away, so
-the first token comes as fast as without a coprocessor. Meanwhile the coprocessor reads a fork of the prompt's
-cache (`fork_cache`: the same tensors, never extended by the decoder) -- on a background thread, and on GPUs
-also on its own CUDA stream -- and computes the latents `augment` would write after x[t]. When they are ready,
+the first token comes as fast as without a coprocessor. As soon as it is chosen, the coprocessor starts
+reading a fork of the prompt's cache (`fork_cache`: the same tensors, never extended by the decoder) -- on a
+background thread, and on GPUs also on its own CUDA stream -- and computes the latents `augment` would write
+after x[t]. When they are ready,
 d tokens x[t+1 .. t+d] have been generated; the next decoder step reads [x[t+d], latents] and the text goes on
 after them. With ``latent_delay=d`` the latents are inserted after exactly d tokens (d = 0: before the first
 one, which is `augment`), for evaluation and tests.
@@ -159,7 +160,8 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     cache = DynamicCache()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-    latents = _Latents(model, cache, input_ids, attention_mask, background=latent_delay is None)
+    # in the background, the coprocessor starts once the first token is out: nothing competes with it
+    latents = None if latent_delay is None else _Latents(model, cache, input_ids, attention_mask, background=False)
     sequences, mask, text_pos = input_ids, attention_mask, prefix_pos  # text only: tokens, mask and position ids
     next_pos = prefix_pos[:, -1:] + 1  # of the next text token
     pending: torch.Tensor | None = None  # the last token, not yet in the cache
@@ -167,7 +169,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     while True:
         generated = sequences.shape[1] - length
-        due = latents.ready() if latent_delay is None else generated == latent_delay
+        due = latents is not None and (latents.ready() if latent_delay is None else generated == latent_delay)
         if inserted_at is None and due:  # this step reads [last token, latents]; with d = 0 the latents alone
             last = torch.full((batch, 1), text_pos.shape[1] - 1, device=input_ids.device)  # s = t + d
             embeds = latents.result()
@@ -198,6 +200,8 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         unfinished &= ~stopping(sequences, scores)
         if not bool(unfinished.any()):
             break
+        if latents is None:  # the prompt's cache has not been extended yet: the fork reads exactly the prompt
+            latents = _Latents(model, cache, input_ids, attention_mask, background=True)
         pending = token[:, None]
         text_pos, next_pos = torch.cat([text_pos, next_pos], dim=1), next_pos + 1
     if streamer is not None:
