@@ -223,3 +223,29 @@ def test_dca_cache_build_refuses_bad_arguments_in_one_line(served_dirs, tmp_path
         code = main(["cache", "build", "--model", model_dir, "--coprocessor", coprocessor_dir, *argv])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and option in err, err
+
+
+def test_dca_generate_store_continues_from_the_stored_document(served_dirs, tmp_path):
+    from dca.serve.generate import GenerateArgs, run_generate
+    from dca.serve.loading import load_served
+    from dca.serve.store_cli import CacheBuildArgs, run_cache_build
+
+    model_dir, coprocessor_dir = served_dirs
+    docs = tmp_path / "docs.txt"
+    docs.write_text("the big red house and a small tree .\n")
+    run_cache_build(CacheBuildArgs(model=model_dir, coprocessor=coprocessor_dir, docs=str(docs),
+                                   out=str(tmp_path / "store"), device="cpu"))
+    model, tokenizer = load_served(model_dir, coprocessor_dir, device="cpu")
+    doc = torch.tensor(tokenizer("the big red house and a small tree .").input_ids)
+    text = "the big red house and a small tree . the cat"
+    prompt = torch.tensor([tokenizer(text).input_ids])
+    expected = tokenizer.decode(reference_tokens(model, doc, prompt, steps=3)[0], skip_special_tokens=True)
+    entry = next((tmp_path / "store").iterdir())
+    flip_bytes(entry / TENSORS_NAME)  # a damaged entry makes itself heard: proof that --store reached the store
+    args = GenerateArgs(model=model_dir, coprocessor=coprocessor_dir, prompt=[text], max_new_tokens=3,
+                        stream=False, device="cpu", store=str(tmp_path / "store"))
+    with pytest.warns(UserWarning, match="not served"):
+        [result] = run_generate(args)
+    assert result["augmented"] == expected
+    with pytest.raises(ValueError, match="no such store folder"):
+        GenerateArgs(model=model_dir, coprocessor=coprocessor_dir, store=str(tmp_path / "none"))

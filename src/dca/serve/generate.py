@@ -42,6 +42,8 @@ class GenerateArgs:
     seed: int = field(default=0, metadata=help_meta("random seed, set before every continuation"))
     stream: bool = field(default=True, metadata=help_meta("print tokens as they come"))
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, ..."))
+    store: str | None = field(default=None, metadata=help_meta(
+        "a store of augmented contexts (`dca cache build`): prompts that start with a stored document reuse it"))
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens)
@@ -58,6 +60,8 @@ class GenerateArgs:
             raise ArgumentError("compare", "needs --coprocessor (it compares the frozen and the augmented model)")
         if self.prompt and self.file:
             raise ArgumentError("file", "and --prompt both give prompts: use one of them")
+        if self.store is not None and not Path(self.store).expanduser().is_dir():
+            raise ArgumentError("store", f"no such store folder: {self.store} (build one with `dca cache build`)")
         if self.stream and self.num_beams > 1:
             raise ArgumentError("num_beams", "> 1 cannot stream (beam search settles its tokens at the end): "
                                              "add --no-stream")
@@ -87,7 +91,8 @@ def read_prompts(args: GenerateArgs) -> list[str]:
 
 
 def continue_prompt(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, text: str, augment: bool,
-                    config: GenerationConfig, seed: int, stream: bool, templated: bool = False) -> str:
+                    config: GenerationConfig, seed: int, stream: bool, templated: bool = False,
+                    store: str | None = None) -> str:
     """One continuation of `text` (already templated), printed as it comes if `stream`; returns its text."""
     # a chat template writes the special tokens itself
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
@@ -95,7 +100,7 @@ def continue_prompt(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, text
     set_seed(seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(ids, encoded["attention_mask"].to(model.device), augment=augment,
-                         generation_config=config, streamer=streamer)
+                         generation_config=config, streamer=streamer, store=store if augment else None)
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     if not stream:
         print(answer, flush=True)
@@ -118,6 +123,6 @@ def run_generate(args: GenerateArgs) -> list[dict[str, str]]:
         for label, augment in runs:
             print(f"--- {label}:", flush=True)
             result[label] = continue_prompt(model, tokenizer, text, augment, config, args.seed, args.stream,
-                                            templated=args.chat)
+                                            templated=args.chat, store=args.store)
         results.append(result)
     return results

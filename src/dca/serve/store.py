@@ -190,6 +190,14 @@ class ContextStore:
         return StoredContext(tokens, cache, tensors["latents"].to(device, dtype), tensors["logits"].to(device),
                              tensors["latent_position_ids"].to(device), tensors["next_position_ids"].to(device), path)
 
+    def stored_prefix(self, model: AugmentedLM, input_ids: torch.Tensor) -> int | None:
+        """The length of the longest document stored for this model that `input_ids` ([L] ids) starts with, or None;
+        a cheap look (the entry is verified when `find` reads it)."""
+        input_ids = _check_tokens(input_ids, model)
+        lengths = [n for n in self.stored_lengths() if n <= input_ids.numel()]
+        identity = model_identity(model) if lengths else {}
+        return next((n for n in lengths if self.entry_path(identity, input_ids[:n]).exists()), None)
+
     def find(self, model: AugmentedLM, input_ids: torch.Tensor) -> StoredContext | None:
         """The stored context of the longest document that `input_ids` ([L] ids) starts with, or None.
 
