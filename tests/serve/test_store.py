@@ -249,3 +249,33 @@ def test_dca_generate_store_continues_from_the_stored_document(served_dirs, tmp_
     assert result["augmented"] == expected
     with pytest.raises(ValueError, match="no such store folder"):
         GenerateArgs(model=model_dir, coprocessor=coprocessor_dir, store=str(tmp_path / "none"))
+
+
+def test_the_serving_engine_runs_stored_prompts_from_the_store_and_batches_the_others(served, tmp_path):
+    from dca.serve.batch import Row, Sampling
+    from dca.serve.engine import Engine, Job
+    from dca.serve.server import ServeArgs
+
+    model, tokenizer = served
+    doc = torch.tensor(tokenizer("the big red house and a small tree .").input_ids)
+    stored_prompt = tokenizer("the big red house and a small tree . the cat").input_ids
+    other_prompt = tokenizer("a dog chases the bird").input_ids
+    store = ContextStore(tmp_path)
+    store.put(model, doc)
+    greedy = Sampling(temperature=0)
+    jobs = [Job([Row(stored_prompt, 3, greedy)]), Job([Row(other_prompt, 3, greedy)])]
+    engine = Engine(model, tokenizer, max_batch=4, max_wait=0.0, store=store)
+    for job in jobs:
+        engine.submit(job)
+    engine.start()
+    engine.stop()
+    assert all(job.error is None for job in jobs) and store.stats["hits"] == 1
+    expected = reference_tokens(model, doc, torch.tensor([stored_prompt]), steps=3)[0].tolist()
+    got = jobs[0].rows[0].tokens
+    assert got and got == expected[:len(got)]
+    plain = model.generate(torch.tensor([other_prompt]), max_new_tokens=3, do_sample=False, eos_token_id=None,
+                           pad_token_id=tokenizer.pad_token_id)[0, len(other_prompt):].tolist()
+    got = jobs[1].rows[0].tokens
+    assert got and got == plain[:len(got)]
+    with pytest.raises(ValueError, match="no such store folder"):
+        ServeArgs(store=str(tmp_path / "none"))

@@ -18,6 +18,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import (
@@ -169,14 +170,27 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 def generate_rows(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
-                  augment: bool | str = True, tokenizer_lock: threading.Lock | None = None) -> None:
+                  augment: bool | str = True, tokenizer_lock: threading.Lock | None = None, store: Any = None) -> None:
     """Continue every row in one `generate` call; each row's tokens, text and finish_reason are filled in.
 
-    `augment` goes to `AugmentedLM.generate` unchanged; `tokenizer_lock` is held while the tokenizer decodes.
+    `augment` goes to `AugmentedLM.generate` unchanged; `tokenizer_lock` is held while the tokenizer decodes. With a
+    `store` (`dca.serve.store.ContextStore`), augmented rows whose prompt starts with a stored document run one by
+    one from its stored augmented cache (`generate(store=...)` takes one prompt); the others share one call.
     """
+    if store is not None and augment is True and model.coprocessor is not None:
+        stored = [row for row in rows if store.stored_prefix(model, torch.tensor(row.prompt_ids)) is not None]
+        for row in stored:
+            _generate_rows(model, tokenizer, [row], augment, tokenizer_lock, store)
+        rows = [row for row in rows if all(row is not s for s in stored)]
+    if rows:
+        _generate_rows(model, tokenizer, rows, augment, tokenizer_lock, None)
+
+
+def _generate_rows(model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, rows: list[Row], augment: bool | str,
+                   tokenizer_lock: threading.Lock | None, store: Any) -> None:
     input_ids, mask = left_pad([row.prompt_ids for row in rows], tokenizer.pad_token_id, model.device)
     eos = eos_token_ids(model, tokenizer)
-    model.generate(input_ids, mask, augment=augment, max_new_tokens=max(row.max_tokens for row in rows),
+    model.generate(input_ids, mask, augment=augment, store=store, max_new_tokens=max(row.max_tokens for row in rows),
                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
                    eos_token_id=sorted(eos) or None, logits_processor=LogitsProcessorList([RowSampler(rows)]),
                    stopping_criteria=StoppingCriteriaList([RowStopping(rows, tokenizer, eos, tokenizer_lock)]))

@@ -56,8 +56,9 @@ class Engine:
     """A worker thread that batches the jobs submitted to it. Thread-safe; `submit` never blocks."""
 
     def __init__(self, model: AugmentedLM, tokenizer: PreTrainedTokenizerBase, *, max_batch: int = 8,
-                 max_wait: float = 0.01, max_queue: int = 64):
+                 max_wait: float = 0.01, max_queue: int = 64, store: Any = None):
         self.model, self.tokenizer = model, tokenizer
+        self.store = store  # a dca.serve.store.ContextStore: prompts that start with a stored document reuse it
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
         self.tokenizer_lock = threading.Lock()  # whoever encodes beside the worker's decoding holds it
         self._pending: list[Job] = []
@@ -142,7 +143,8 @@ class Engine:
                     self.stats["batches"] += 1
                     self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(len(j.rows) for j in live))
                     generate_rows(self.model, self.tokenizer, [row for job in live for row in job.rows],
-                                  live[0].augment, self.tokenizer_lock)
+                                  live[0].augment, self.tokenizer_lock,
+                                  **({"store": self.store} if self.store is not None else {}))
             except Exception as err:  # a bug or a bad input that got past validation: fail these jobs, keep serving
                 for job in live:
                     job.error = err

@@ -21,6 +21,7 @@ import socket
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dca.checks import check_choice, check_device, check_int, check_number
@@ -61,6 +62,8 @@ class ServeArgs:
     served_name: str = field(default="", metadata=help_meta("the model id clients name (default: the model's)"))
     augment: str = field(default="true", metadata=help_meta("what a request without an `augment` field gets",
                                                             tuple(AUGMENT_OPTIONS)))
+    store: str | None = field(default=None, metadata=help_meta(
+        "a store of augmented contexts (`dca cache build`): prompts that start with a stored document reuse it"))
 
     def __post_init__(self) -> None:
         check_int("port", self.port, minimum=0)
@@ -71,6 +74,8 @@ class ServeArgs:
         check_number("max_wait_ms", self.max_wait_ms, low=0.0, high=60_000.0)
         check_device("device", self.device)
         check_choice("augment", self.augment, tuple(AUGMENT_OPTIONS))
+        if self.store is not None and not Path(self.store).expanduser().is_dir():
+            raise ArgumentError("store", f"no such store folder: {self.store} (build one with `dca cache build`)")
 
 
 def _sse(payload: dict | str) -> str:
@@ -251,8 +256,13 @@ def engine_for(args: ServeArgs) -> tuple[Engine, str]:
     from dca.adapter import display_name
 
     model, tokenizer = load_served(args.model, args.coprocessor, args.device)
+    store = None
+    if args.store is not None:
+        from dca.serve.store import ContextStore
+
+        store = ContextStore(args.store)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, store=store)
     return engine, args.served_name or display_name(args.model)
 
 
