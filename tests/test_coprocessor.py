@@ -75,3 +75,52 @@ def test_pause_tokens_are_input_independent_embeddings():
     positions = torch.arange(6)[None].expand(2, -1)  # two groups of three, any cache
     latents = pause(None, None, positions)
     assert torch.equal(latents[0, :3], pause.soft_tokens) and torch.equal(latents[1, 3:], pause.soft_tokens)
+
+
+def test_gains_and_the_embedding_rms_start_where_the_config_says():
+    decoder = tiny_decoder("gemma3")  # embeddings scaled by sqrt(hidden): the RMS is of what the model feeds
+    learned = Coprocessor(decoder, CoprocessorConfig(latent_scale="learned"))
+    assert torch.equal(learned.latent_gain.detach(), torch.ones(32))
+    gated = Coprocessor(decoder, CoprocessorConfig(latent_scale="gated", gate_init=0.25))
+    assert gated.latent_gain.tolist() == [0.25]
+    assert Coprocessor(decoder, CoprocessorConfig(latent_scale="embed_rms")).latent_gain is None
+    table = decoder.get_input_embeddings()(torch.arange(97))
+    torch.testing.assert_close(gated.embed_rms, table.pow(2).mean(-1).sqrt().mean(), rtol=1e-6, atol=0)
+    assert "embed_rms" not in gated.state_dict()  # derived from the decoder, never saved with an adapter
+
+
+@pytest.mark.parametrize("init", ["vocab_sample", "vocab_mean", "normal"])
+def test_soft_tokens_are_seeded(init):
+    decoder = tiny_decoder("llama")
+
+    def soft(seed):
+        return Coprocessor(decoder, CoprocessorConfig(num_latents=3, soft_token_init=init, init_seed=seed)).soft_tokens
+    assert torch.equal(soft(3), soft(3)) and not torch.equal(soft(3), soft(4))
+
+
+def test_lora_scaling_target_modules_and_no_dropout():
+    decoder = tiny_decoder("llama")
+
+    def adapted(**config):
+        body = Coprocessor(decoder, CoprocessorConfig(**config)).body
+        return {name: m for name, m in body.named_modules() if hasattr(m, "lora_A")}
+    layers = adapted(lora_rank=4)
+    assert len(layers) == 3 * 7  # every linear layer of three blocks
+    assert all(m.scaling["default"] == 2.0 for m in layers.values())  # alpha defaults to 2 x rank
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in layers.values())
+    assert all(m.r["default"] == 4 for m in layers.values())
+    assert {m.scaling["default"] for m in adapted(lora_rank=4, lora_alpha=2.0).values()} == {0.5}
+    assert {name.rsplit(".", 1)[-1] for name in adapted(lora_rank=2, lora_target_modules=["q_proj"])} == {"q_proj"}
+
+
+def test_the_pre_norm_capture_is_cleared_after_every_call():
+    from transformers import DynamicCache
+
+    from dca.coprocessor import _PRE_NORM_CAPTURE
+
+    decoder = tiny_decoder("llama")
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=2, latent_source="pre_norm"))
+    cache = DynamicCache()
+    decoder(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+    copro(cache, None, torch.tensor([[4, 5]]))
+    assert _PRE_NORM_CAPTURE.get() is None
