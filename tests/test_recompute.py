@@ -30,6 +30,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(family, config, mode):
     torch.manual_seed(0)
     model = AugmentedLM.from_decoder(tiny_decoder(family, "eager"), CoprocessorConfig(
         num_latents=3, num_ahead=4, gate_init=0.5, **config)).train()
+    patched = {name for name, m in model.named_modules() if "forward" in vars(m)}  # e.g. the shared-pass LoRA rows
     plain_losses, plain_grads, plain_saved = run(model, False, mode)
     losses, grads, saved = run(model, True, mode)
     torch.testing.assert_close(losses, plain_losses, rtol=1e-6, atol=1e-7)
@@ -37,7 +38,8 @@ def test_checkpointing_gives_the_same_loss_and_gradients(family, config, mode):
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert saved < plain_saved / 2  # what backward keeps: the layers' inputs, not their insides
-    assert not any("forward" in vars(m) for m in model.modules())  # the layers are themselves again afterwards
+    # the layers are themselves again afterwards
+    assert {name for name, m in model.named_modules() if "forward" in vars(m)} == patched
 
 
 def test_checkpointing_leaves_the_prefix_cache_unchanged_by_the_replay():
