@@ -121,6 +121,10 @@ def test_bad_arguments_are_one_line_errors(capsys):
         TestbedArgs(tasks=["sort"])
     with pytest.raises(ArgumentError, match="steps"):
         TestbedArgs(steps=0)
+    with pytest.raises(ArgumentError, match="variants"):
+        TestbedArgs(variants=["dca-8"])
+    assert TestbedArgs(variants=["scratchpad", "dca-16"]).variants == ["frozen", "dca-16", "scratchpad"]
+    assert "--variants frozen dca-16" in TestbedArgs(variants=["dca-16"]).command()
     assert main(["testbed", "--tasks", "chase", "chase"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tasks" in err and "repeats" in err

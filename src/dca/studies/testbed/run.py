@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
 
 from dca.atomic import write_file
 from dca.checks import check_choice, check_int, check_number, check_writable_dir
@@ -18,10 +19,11 @@ from dca.errors import ArgumentError
 from dca.model import AugmentedLM
 from dca.studies.testbed import models
 from dca.studies.testbed.report import SWEEP, markdown, plot, summarise
-from dca.studies.testbed.tasks import TASKS, make_splits, units
+from dca.studies.testbed.tasks import TASKS, Example, make_splits, units
 from dca.studies.testbed.tokenizer import Tokenizer
 
 AUGMENTED = (("pause", 16),) + tuple((kind, n) for kind in ("dca", "paper") for n in SWEEP)
+VARIANTS = ("frozen", *(f"{kind}-{n}" for kind, n in AUGMENTED), "lora", "scratchpad")
 # --quick: a smoke run of the same design at a fraction of the size (its numbers are not the result)
 QUICK = {"seeds": 2, "pretrain_steps": 300, "steps": 60, "train_size": 4000, "test_size": 200}
 
@@ -41,6 +43,8 @@ class TestbedArgs:
     test_size: int = field(default=500, metadata=help_meta("held-out questions per task and seed"))
     batch_size: int = field(default=64, metadata=help_meta("questions per step, every phase"))
     lr: float = field(default=3e-3, metadata=help_meta("AdamW learning rate, every phase"))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata=help_meta(
+        "variants to train (the frozen decoder is always scored)"))
     quick: bool = field(default=False, metadata=help_meta(
         f"a smoke run at a fraction of the size ({QUICK}; replaces those options)"))
     out: str = field(default="results/testbed", metadata=help_meta("report folder"))
@@ -58,6 +62,11 @@ class TestbedArgs:
                      "latency_questions"):
             check_int(name, getattr(self, name))
         check_number("lr", self.lr, low=0, low_open=True, high=1.0)
+        if not isinstance(self.variants, list) or not self.variants:
+            raise ArgumentError("variants", f"must be a non-empty list, got {self.variants!r}")
+        for variant in self.variants:
+            check_choice("variants", variant, VARIANTS)
+        self.variants = [v for v in VARIANTS if v in self.variants or v == "frozen"]  # the report's order
         if self.quick:
             for name, value in QUICK.items():
                 setattr(self, name, value)
@@ -68,7 +77,9 @@ class TestbedArgs:
             return f"OMP_NUM_THREADS=1 dca testbed --quick --tasks {' '.join(self.tasks)} --out {self.out}"
         parts = ["OMP_NUM_THREADS=1 dca testbed", "--tasks", *self.tasks]
         for f in dataclasses.fields(self):
-            if f.name not in ("tasks", "quick"):
+            if f.name == "variants" and self.variants != list(VARIANTS):
+                parts += ["--variants", *self.variants]
+            elif f.name not in ("tasks", "quick", "variants"):
                 parts += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
         return " ".join(parts)
 
@@ -101,6 +112,8 @@ def run_seed(args: TestbedArgs, task: str, seed: int) -> dict:
         config = dataclasses.replace(config, init_seed=seed)
         name = f"{kind}-{n}"
         configs[name] = {"config": config.to_dict(), "made_by": made}
+        if name not in args.variants:
+            continue
         model = AugmentedLM.from_decoder(decoder, config)
         params = models.trainable_count(model.coprocessor)
         stats = models.train_augmented(model, ids, prompt_len, args.steps, recipe, budget_seed, f"{tag}: {name}")
@@ -108,7 +121,20 @@ def run_seed(args: TestbedArgs, task: str, seed: int) -> dict:
                           "trainable_params": params, "train_seconds": stats["seconds"], "training": stats}
         print(f"  {tag}: {name:9s} {100 * variants[name]['accuracy']:5.1f} % ({stats['seconds']:.0f} s)", flush=True)
 
-    target = variants["dca-16"]["trainable_params"]
+    if "lora" in args.variants:
+        run_lora(args, decoder, tokenizer, ids, scored, test, recipe, budget_seed, tag, variants)
+    if "scratchpad" in args.variants:
+        run_scratchpad(args, decoder, tokenizer, train, test, recipe, budget_seed, tag, variants)
+    return {"task": task, "seed": seed, "pretrained": pre, "variants": variants, "configs": configs,
+            "prompt_tokens": prompt_len, "answer_tokens": num_ahead}
+
+
+def run_lora(args: TestbedArgs, decoder: PreTrainedModel, tokenizer: Tokenizer, ids: torch.Tensor,
+             scored: torch.Tensor, test: list[Example], recipe: models.Recipe, budget_seed: int, tag: str,
+             variants: dict) -> None:
+    """A LoRA on the decoder itself, about as many parameters as the N = 16 coprocessor of dca's config."""
+    config, _ = models.coprocessor_config("dca", 16, 1)
+    target = models.trainable_count(AugmentedLM.from_decoder(decoder, config).coprocessor)
     lora, rank = models.lora_decoder(decoder, target)
     stats = models.train_decoder(lora, ids, scored, args.steps, recipe, budget_seed, f"{tag}: lora")
     variants["lora"] = {**models.score(lora.generate, tokenizer, test, latency_items=args.latency_questions),
@@ -116,7 +142,10 @@ def run_seed(args: TestbedArgs, task: str, seed: int) -> dict:
                         "training": stats, "rank": rank}
     print(f"  {tag}: lora r{rank:<4d} {100 * variants['lora']['accuracy']:5.1f} %", flush=True)
 
-    # the scratchpad: the pretrained decoder, every weight fine-tuned on the worked steps at the same budget
+
+def run_scratchpad(args: TestbedArgs, decoder: PreTrainedModel, tokenizer: Tokenizer, train: list[Example],
+                   test: list[Example], recipe: models.Recipe, budget_seed: int, tag: str, variants: dict) -> None:
+    """The pretrained decoder, every weight fine-tuned on the worked steps at the same budget."""
     worked_ids, worked_scored = models.encode(tokenizer, train, worked=True)
     pad = copy.deepcopy(decoder).requires_grad_(True)
     stats = models.train_decoder(pad, worked_ids, worked_scored, args.steps, recipe, budget_seed, f"{tag}: scratchpad")
@@ -125,8 +154,6 @@ def run_seed(args: TestbedArgs, task: str, seed: int) -> dict:
                               "trainable_params": models.trainable_count(pad), "train_seconds": stats["seconds"],
                               "training": stats}
     print(f"  {tag}: scratchpad {100 * variants['scratchpad']['accuracy']:5.1f} %", flush=True)
-    return {"task": task, "seed": seed, "pretrained": pre, "variants": variants, "configs": configs,
-            "prompt_tokens": prompt_len, "answer_tokens": num_ahead}
 
 
 def run_testbed(args: TestbedArgs) -> dict:
