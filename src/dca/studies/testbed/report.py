@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from dca.atomic import write_file
+from dca.studies.testbed.tasks import CHANCE
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy dependency)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -117,6 +118,8 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
             if name in variants:
                 ax.axhline(100 * variants[name]["accuracy"]["mean"], linestyle=style, color="black",
                            linewidth=0.9, label=name)
+        if task in CHANCE:
+            ax.axhline(100 * CHANCE[task], color="red", linewidth=0.6, alpha=0.6, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(SWEEP), [str(n) for n in SWEEP])
         ax.set_xlabel("N, latents (pause tokens: 16)")

@@ -18,6 +18,7 @@ MAX_HOPS = 4
 VARIABLES = string.ascii_lowercase[:12]  # few enough that every assignment token is seen often
 DIGITS = 4  # per addend
 STEP_END = ">"  # ends the worked steps of a scratchpad
+CHANCE = {"chase": 1 / 3}  # one of the three chain ends, guessed
 
 
 @dataclass(frozen=True)
