@@ -109,6 +109,8 @@ class BenchArgs:
                                       metadata=help_meta("prompt lengths of --latency"))
     model: str = field(default="smollm2-135m", metadata=help_meta("decoder of --latency"))
     coprocessor: str = field(default="coprocessors/smollm2-135m-wiki", metadata=help_meta("coprocessor of --latency"))
+    answers: int = field(default=0, metadata=help_meta("with --latency: also time this many GSM8K answers, augmented "
+                                                      "vs zero-shot chain of thought (needs `make eval-data`)"))
 
     def __post_init__(self) -> None:
         self.sizes = [name for entry in self.sizes for name in ALIASES.get(entry, [entry])]
@@ -118,10 +120,11 @@ class BenchArgs:
                                          f"{list(ALIASES)}")
         check_int("repeats", self.repeats)
         check_device("device", self.device)
-        if not self.prompt_lengths:
-            raise ArgumentError("prompt_lengths", "needs at least one length")
         for length in self.prompt_lengths:
             check_int("prompt_lengths", length)
+        check_int("answers", self.answers, minimum=0)
+        if self.latency and not self.prompt_lengths and not self.answers:
+            raise ArgumentError("prompt_lengths", "is empty and --answers 0: --latency would measure nothing")
 
 
 def _setup(size: BenchSize, device: str, seed: int = 0):
