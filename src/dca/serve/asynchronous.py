@@ -26,6 +26,7 @@ the latents at a different moment.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from concurrent.futures import Future
@@ -59,6 +60,9 @@ class _Latents:
         self.future: Future = Future()
         self.event = None
         forked = fork_cache(cache)  # the decoder's later steps never change what the coprocessor reads
+        # held until the latents are taken: on a GPU the side stream may still read the prompt's tensors after the
+        # thread is done, and the decoder's stream must not get their memory back before it has waited for them
+        self._forked = forked
         if not background:
             self.future.set_result(model.prompt_latents(forked, input_ids, attention_mask))
             return
@@ -84,6 +88,13 @@ class _Latents:
 
         threading.Thread(target=run, name="dca-coprocessor", daemon=True).start()
 
+    def close(self) -> None:
+        """Generation ended without the latents: on a GPU, let the decoder's stream wait for the side stream
+        before the prompt's tensors can be freed (the host waits only for the kernels to be queued)."""
+        if self.event is not None and self._forked is not None:
+            with contextlib.suppress(BaseException):
+                self.result()
+
     def ready(self) -> bool:
         return self.future.done() and (self.event is None or self.event.query())
 
@@ -92,6 +103,7 @@ class _Latents:
         if self.event is not None:  # the decoder's stream waits for the coprocessor's kernels, not the host
             torch.cuda.current_stream(latents.device).wait_event(self.event)
             latents.record_stream(torch.cuda.current_stream(latents.device))
+        self._forked = None
         return latents
 
 
@@ -204,6 +216,8 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             latents = _Latents(model, cache, input_ids, attention_mask, background=True)
         pending = token[:, None]
         text_pos, next_pos = torch.cat([text_pos, next_pos], dim=1), next_pos + 1
+    if latents is not None and inserted_at is None:
+        latents.close()
     if streamer is not None:
         streamer.end()
     return AsyncGeneration(sequences, inserted_at)
