@@ -55,7 +55,8 @@ class Mutant:
     before: str
     after: str
     category: str  # "logic", "message" or "device_dtype"
-    status: str = "not run"  # killed, survived, timeout
+    status: str = "not run"  # killed, survived, timeout (by --tests)
+    status_after: str = ""  # by --then-tests, for the survivors of --tests (killed by --tests: left empty)
     seconds: float = 0.0
     killed_by: str = ""
 
@@ -230,13 +231,13 @@ def mutated_source(module: str, index: int) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
-def _snapshot(extra: list[str]) -> str:
+def _snapshot(extra: list[str], revision: str = "HEAD") -> str:
     """The committed tree (and `extra` working-tree files) in SCRATCH/base; returns the commit."""
     base = SCRATCH / "base"
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+    commit = subprocess.run(["git", "rev-parse", revision], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout.strip()
     archive = subprocess.run(["git", "archive", commit, "src", "tests", "pyproject.toml"], cwd=REPO,
                              capture_output=True, check=True).stdout
@@ -247,17 +248,16 @@ def _snapshot(extra: list[str]) -> str:
     return commit
 
 
-def _prepare_tree() -> Path:
-    tree = SCRATCH / "run"
+def _prepare_tree(job: int) -> Path:
+    tree = SCRATCH / f"run{job}"
     if tree.exists():
         shutil.rmtree(tree)
     shutil.copytree(SCRATCH / "base", tree)
     return tree
 
 
-def _run_tests(tree: Path, tests: list[str], timeout: float, log: Path) -> tuple[str, float, str]:
-    """Fork, import dca from `tree`, run pytest; (status, seconds, first failing test)."""
-    started = time.time()
+def _start_tests(tree: Path, tests: list[str], log: Path) -> int:
+    """Fork a child that imports dca from `tree` and runs pytest on `tests`; its pid."""
     pid = os.fork()
     if pid == 0:  # the child: a fresh dca from the mutant tree
         try:
@@ -272,27 +272,28 @@ def _run_tests(tree: Path, tests: list[str], timeout: float, log: Path) -> tuple
         except BaseException:  # noqa: BLE001 -- a mutant that breaks the import is killed
             code = 3
         os._exit(int(code))
-    deadline = started + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.time() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return "timeout", time.time() - started, ""
-        time.sleep(0.2)
-    code = os.waitstatus_to_exitcode(status)
+    return pid
+
+
+def _outcome(code: int, log: Path, tests: list[str]) -> tuple[str, str]:
+    """(status, first failing test) of a finished child."""
     failed = ""
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith(("FAILED ", "ERROR ")):
             failed = line.split(" - ")[0].split(" ", 1)[1]
             break
     if code == 0:
-        return "survived", time.time() - started, ""
+        return "survived", ""
     if code == 5:  # no tests collected: the selection is wrong, not the mutant killed
         raise SystemExit(f"pytest collected no tests from {tests}")
-    return "killed", time.time() - started, failed
+    return "killed", failed
+
+
+def _run_tests(tree: Path, tests: list[str], log: Path) -> tuple[str, float, str]:
+    started = time.time()
+    _, status = os.waitpid(_start_tests(tree, tests, log), 0)
+    state, failed = _outcome(os.waitstatus_to_exitcode(status), log, tests)
+    return state, time.time() - started, failed
 
 
 def _write_file():
@@ -314,7 +315,7 @@ def run(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM  # noqa: F401
 
 
-    commit = _snapshot(args.extra)
+    commit = _snapshot(args.extra, args.commit)
     mutants = [m for module in MODULES for m in enumerate_mutants(module)]
     if args.only_survivors_of:
         previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
@@ -323,49 +324,113 @@ def run(args: argparse.Namespace) -> None:
         mutants = [m for m in mutants if m.id in keep]
     else:
         killed_before = []
-        if args.sample:
-            mutants = sorted(random.Random(args.seed).sample(mutants, min(args.sample, len(mutants))),
-                             key=lambda m: (m.module, m.index))
-    tree = _prepare_tree()
+        if args.sample:  # in random order: a run stopped early is still a uniform sample
+            mutants = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
+    previous_rows = []
+    if args.resume and (OUT / f"{args.label}.json").is_file():  # keep what an earlier, stopped run finished
+        previous_rows = json.loads((OUT / f"{args.label}.json").read_text())["mutants"]
+        finished = {m["id"] for m in previous_rows}
+        mutants = [m for m in mutants if m.id not in finished]
+    skipped = [m for m in mutants if m.category in args.skip_categories]
+    mutants = [m for m in mutants if m.category not in args.skip_categories]
+    trees = [_prepare_tree(job) for job in range(args.jobs)]
     logs = SCRATCH / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    status, baseline, failed = _run_tests(tree, args.tests, 3600, logs / "baseline.log")
+    status, baseline, failed = _run_tests(trees[0], args.tests, logs / "baseline.log")
     if status != "survived":
         raise SystemExit(f"the unmutated code fails its tests ({failed}); see {logs / 'baseline.log'}")
-    print(f"baseline: {baseline:.0f} s; {len(mutants)} mutants", flush=True)
+    print(f"baseline: {baseline:.0f} s; {len(mutants)} mutants, {args.jobs} at a time", flush=True)
     timeout = max(3 * baseline, baseline + 60)
     result = {"command": "python scripts/mutation.py " + " ".join(sys.argv[1:]), "commit": commit,
               "tests": args.tests, "baseline_seconds": baseline, "timeout_seconds": timeout,
-              "extra_files": args.extra, "sample_seed": args.seed, "carried_over": killed_before, "mutants": []}
-    for i, mutant in enumerate(mutants):
-        target = tree / "src" / "dca" / mutant.module
-        target.write_text(mutated_source(mutant.module, mutant.index))
-        try:
-            mutant.status, mutant.seconds, mutant.killed_by = _run_tests(tree, args.tests, timeout,
-                                                                         logs / f"{mutant.id.replace(':', '_')}.log")
-        finally:
-            shutil.copyfile(SCRATCH / "base" / "src" / "dca" / mutant.module, target)
-        result["mutants"].append(asdict(mutant))
-        print(f"[{i + 1}/{len(mutants)}] {mutant.id} line {mutant.line} {mutant.operator} ({mutant.category}): "
-              f"{mutant.status} {mutant.seconds:.0f}s {mutant.killed_by}", flush=True)
-        result["summary"] = summarise(result)
-        write_file(OUT / f"{args.label}.json", json.dumps(result, indent=2))
+              "extra_files": args.extra, "sample_seed": args.seed, "carried_over": killed_before,
+              "mutants": previous_rows,
+              "skipped_categories": args.skip_categories, "skipped": [asdict(m) for m in skipped]}
+    # a survivor of --tests goes straight on to --then-tests (which should list its new tests first)
+    pending, running, done = [(m, 1) for m in mutants], {}, 0  # running: pid -> (mutant, stage, job, started, log)
+    while pending or running:
+        free = [job for job in range(args.jobs) if job not in {r[2] for r in running.values()}]
+        while pending and free:
+            (mutant, stage), job = pending.pop(0), free.pop(0)
+            (trees[job] / "src" / "dca" / mutant.module).write_text(mutated_source(mutant.module, mutant.index))
+            log = logs / f"{mutant.id.replace(':', '_')}-{stage}.log"
+            tests = args.tests if stage == 1 else args.then_tests
+            running[_start_tests(trees[job], tests, log)] = (mutant, stage, job, time.time(), log)
+        time.sleep(0.2)
+        for pid, (mutant, stage, job, started, log) in list(running.items()):
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if not finished and time.time() - started < timeout * (1 if stage == 1 else 2):
+                continue
+            if not finished:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                state, killed_by = "timeout", ""
+            else:
+                tests = args.tests if stage == 1 else args.then_tests
+                state, killed_by = _outcome(os.waitstatus_to_exitcode(status), log, tests)
+            del running[pid]
+            original = SCRATCH / "base" / "src" / "dca" / mutant.module
+            shutil.copyfile(original, trees[job] / "src" / "dca" / mutant.module)
+            if stage == 1:
+                mutant.status, mutant.killed_by, mutant.seconds = state, killed_by, time.time() - started
+                if state == "survived" and args.then_tests:
+                    pending.insert(0, (mutant, 2))
+                    continue
+            else:
+                mutant.status_after, mutant.killed_by = state, killed_by or mutant.killed_by
+            done += 1
+            result["mutants"].append(asdict(mutant))
+            print(f"[{done}/{len(mutants)}] {mutant.id} line {mutant.line} {mutant.operator} ({mutant.category}): "
+                  f"{mutant.status} {mutant.status_after} {mutant.seconds:.0f}s {mutant.killed_by}", flush=True)
+            result["summary"] = summarise(result)
+            write_file(OUT / f"{args.label}.json", json.dumps(result, indent=2))
     print(json.dumps(result.get("summary", {}), indent=2))
 
 
 def summarise(result: dict) -> dict:
+    """Scores by module: with --tests alone ("before") and with --then-tests too ("after"); "logic" leaves out
+    the mutants that can only change message text or device/dtype arguments."""
     rows = result["mutants"] + result["carried_over"]
     summary = {}
+
+    def before(m):
+        return m["status"] != "survived"
+
+    def after(m):
+        return before(m) or m.get("status_after") not in ("survived", "")
+
     for scope in (*MODULES, "all"):
         chosen = [m for m in rows if scope in ("all", m["module"])]
         logic = [m for m in chosen if m["category"] == "logic"]
-        killed = [m for m in logic if m["status"] != "survived"]
-        all_killed = [m for m in chosen if m["status"] != "survived"]
-        summary[scope] = {"mutants": len(chosen), "killed": len(all_killed),
-                          "score_all": round(100 * len(all_killed) / max(len(chosen), 1), 1),
-                          "logic_mutants": len(logic), "logic_killed": len(killed),
-                          "score_logic": round(100 * len(killed) / max(len(logic), 1), 1)}
+        entry = {"mutants": len(chosen), "logic_mutants": len(logic)}
+        for when, killed in (("before", before), ("after", after)):
+            entry[f"score_{when}"] = round(100 * sum(map(killed, chosen)) / max(len(chosen), 1), 1)
+            entry[f"score_logic_{when}"] = round(100 * sum(map(killed, logic)) / max(len(logic), 1), 1)
+        summary[scope] = entry
     return summary
+
+
+def report(label: str, notes: dict[str, str]) -> str:
+    """results/mutation/<label>.md: the scores and every survivor (with `notes` on why, by mutant id)."""
+    result = json.loads((OUT / f"{label}.json").read_text())
+    summary = summarise(result)
+    lines = [f"# Mutation testing: {label}", "", f"Reproduce: `{result['command']}` (commit {result['commit'][:10]}).",
+             "", "| module | mutants | killed by the old tests | + independent reference | logic mutants | "
+             "logic killed, old tests | logic killed, + reference |", "|---|---|---|---|---|---|---|"]
+    for scope, row in summary.items():
+        lines.append(f"| {scope} | {row['mutants']} | {row['score_before']}% | {row['score_after']}% | "
+                     f"{row['logic_mutants']} | {row['score_logic_before']}% | {row['score_logic_after']}% |")
+    lines += ["", "Survivors (of both selections):", "", "| mutant | line | mutation | code | category | why |",
+              "|---|---|---|---|---|---|"]
+    for m in sorted(result["mutants"], key=lambda m: (m["module"], m["line"])):
+        if m["status"] == "survived" and m.get("status_after") in ("survived", ""):
+            code = m["before"].replace("|", "\\|").replace("\n", " ")[:60]
+            lines.append(f"| {m['id']} | {m['line']} | {m['operator']} | `{code}` | {m['category']} | "
+                         f"{notes.get(m['id'], '')} |")
+    lines += ["", "Killed only by the independent reference:", ""]
+    lines += [f"- {m['id']} line {m['line']}: {m['operator']} `{m['before'][:60]}` ({m['killed_by']})"
+              for m in result["mutants"] if m["status"] == "survived" and m.get("status_after") == "killed"]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -377,9 +442,23 @@ def main() -> None:
     runner.add_argument("--tests", nargs="+", required=True)
     runner.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this many mutants")
     runner.add_argument("--seed", type=int, default=0)
+    runner.add_argument("--then-tests", nargs="*", default=[], help="a second selection run on the survivors "
+                        "of --tests (the score after new tests)")
+    runner.add_argument("--resume", action="store_true", help="keep the mutants an earlier run of --label finished")
+    runner.add_argument("--skip-categories", nargs="*", default=[], choices=["message", "device_dtype"],
+                        help="do not run mutants of these categories (they do not count towards the target)")
+    runner.add_argument("--jobs", type=int, default=1, help="mutants tested at once (each a forked process)")
+    runner.add_argument("--commit", default="HEAD", help="the committed tree to mutate and test")
     runner.add_argument("--extra", nargs="*", default=[], help="working-tree files added to the committed tree")
     runner.add_argument("--only-survivors-of", default=None, help="rerun only the survivors of an earlier label")
+    reporter = sub.add_parser("report")
+    reporter.add_argument("--label", required=True)
+    reporter.add_argument("--notes", default=None, help="a JSON file: mutant id -> why it survives")
     args = parser.parse_args()
+    if args.command == "report":
+        notes = json.loads(Path(args.notes).read_text()) if args.notes else {}
+        _write_file()(OUT / f"{args.label}.md", report(args.label, notes))
+        return
     if args.command == "list":
         _snapshot([])
         for module in MODULES:
