@@ -8,6 +8,7 @@ document's ids, so end documents where the tokenizer cuts (a newline, a full sto
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -155,8 +156,12 @@ def run_cache_bench(args: CacheBenchArgs) -> dict:
               "speedup_from_store": summary["augmented, no store"] / summary["augmented, from the store"],
               "rows": rows}
     write_file(out, json.dumps(result, indent=2).encode())
-    print(format_table(result))
-    print(f"\nwritten to {out}")
+    table = format_table(result)
+    given = {k: v for k, v in asdict(args).items() if v != asdict(CacheBenchArgs())[k]}  # what was not the default
+    command = " ".join(["dca cache bench", *(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items())])
+    write_file(out.with_suffix(".md"), f"{table}\n\nCommand: `OMP_NUM_THREADS={torch.get_num_threads()} {command}`\n")
+    print(table)
+    print(f"\nwritten to {out} and {out.with_suffix('.md')}")
     return result
 
 
