@@ -158,7 +158,8 @@ def run_cache_bench(args: CacheBenchArgs) -> dict:
     write_file(out, json.dumps(result, indent=2).encode())
     table = format_table(result)
     given = {k: v for k, v in asdict(args).items() if v != asdict(CacheBenchArgs())[k]}  # what was not the default
-    command = " ".join(["dca cache bench", *(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items())])
+    command = " ".join(["dca cache bench", *(f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+                                             for k, v in given.items())])
     write_file(out.with_suffix(".md"), f"{table}\n\nCommand: `OMP_NUM_THREADS={torch.get_num_threads()} {command}`\n")
     print(table)
     print(f"\nwritten to {out} and {out.with_suffix('.md')}")
