@@ -319,8 +319,10 @@ def run(args: argparse.Namespace) -> None:
     mutants = [m for module in MODULES for m in enumerate_mutants(module)]
     if args.only_survivors_of:
         previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
-        keep = {m["id"] for m in previous["mutants"] if m["status"] == "survived"}
-        killed_before = [m for m in previous["mutants"] if m["status"] != "survived"]
+        def survived(m):
+            return m["status"] == "survived" and m.get("status_after", "") in ("survived", "")
+        keep = {m["id"] for m in previous["mutants"] if survived(m)}
+        killed_before = [m for m in previous["mutants"] if not survived(m)]
         mutants = [m for m in mutants if m.id in keep]
     else:
         killed_before = []

@@ -84,7 +84,8 @@ def test_training_loss_refuses_a_num_ahead_that_is_not_a_positive_integer(num_ah
 @pytest.mark.parametrize("entry", ["augment", "generate"])
 def test_learned_positions_refuse_a_prompt_whose_latents_run_past_the_table(entry):
     after = make_model("gpt2", latent_positions="after")
-    refuses(after, entry, "need position id 128, but the decoder has max_position_embeddings=128",
+    what = "^augment: the prompt and its latents " if entry.startswith("augment") else ""
+    refuses(after, entry, what + "need position id 128, but the decoder has max_position_embeddings=128",
             torch.ones(1, 126, dtype=torch.long))
     # latents at 125 .. 127; generate then also feeds its first new token, at position 128 - 1 after 124 tokens
     assert call(after, entry, torch.ones(1, 125 if entry == "augment" else 124, dtype=torch.long)) is not None
