@@ -114,3 +114,20 @@ def test_grouped_equals_dense_under_strong_logit_softcapping():
     model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=3, num_ahead=4, gate_init=0.5))
     input_ids = torch.randint(0, VOCAB, (2, 16))
     assert_grouped_equals_dense(model, input_ids, torch.tensor([[2, 8, 12], [4, 9, 13]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_grouped_mode_builds_no_dense_mask_in_either_pass(family, monkeypatch):
+    """Both group passes (coprocessor and decoder) attend through grouped attention, never the dense mask."""
+    def dense_mask(*args, **kwargs):
+        raise AssertionError("a dense group mask was built under group_attention='grouped'")
+
+    model = AugmentedLM.from_decoder(tiny_decoder(family, "eager"), CoprocessorConfig(
+        num_latents=3, num_ahead=4, gate_init=0.5, soft_token_attention="full"))
+    monkeypatch.setattr("dca.model.group_attention_mask", dense_mask)
+    input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model.training_loss(input_ids, torch.tensor([[2, 9], [5, 11]]))
+    assert torch.isfinite(out.loss)
+    model.group_attention = "dense"
+    with pytest.raises(AssertionError, match="dense group mask"):
+        model.training_loss(input_ids, torch.tensor([[2, 9], [5, 11]]))
