@@ -279,3 +279,13 @@ def test_the_serving_engine_runs_stored_prompts_from_the_store_and_batches_the_o
     assert got and got == plain[:len(got)]
     with pytest.raises(ValueError, match="no such store folder"):
         ServeArgs(store=str(tmp_path / "none"))
+
+
+def test_a_frozen_coprocessor_with_other_weights_has_another_identity():
+    a, b = make_model(), make_model()
+    with torch.no_grad():
+        b.coprocessor.latent_gain.add_(0.5)
+    for model in (a, b):
+        model.coprocessor.requires_grad_(False)  # e.g. frozen for serving: its tensors still name it
+    assert model_identity(a)["coprocessor"] != model_identity(b)["coprocessor"]
+    assert model_identity(a) == model_identity(make_model().requires_grad_(False))

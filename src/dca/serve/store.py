@@ -76,8 +76,9 @@ def model_identity(model: AugmentedLM) -> dict[str, str]:
     if known is not None and known[0] == state:
         return known[1]
     digest = hashlib.sha256(model.coprocessor.config.to_json().encode())
-    for name, param in sorted(model.coprocessor.named_parameters()):
-        if param.requires_grad:  # what training changes (the shared base weights are the decoder's fingerprint)
+    shared = {id(p) for p in model.decoder.parameters()}  # the decoder's fingerprint covers what is shared with it
+    for name, param in sorted(model.coprocessor.named_parameters(), key=lambda item: item[0]):
+        if id(param) not in shared:  # every own tensor, trainable or not (a frozen copy must not match another)
             digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
             digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     identity = {"decoder": decoder_fingerprint(model.decoder), "decoder_dtype": str(model.decoder.dtype),
