@@ -289,3 +289,19 @@ def test_a_frozen_coprocessor_with_other_weights_has_another_identity():
         model.coprocessor.requires_grad_(False)  # e.g. frozen for serving: its tensors still name it
     assert model_identity(a)["coprocessor"] != model_identity(b)["coprocessor"]
     assert model_identity(a) == model_identity(make_model().requires_grad_(False))
+
+
+def test_dca_cache_bench_times_each_way_and_serves_from_the_store(served_dirs, tmp_path):
+    from dca.serve.store_cli import CacheBenchArgs, run_cache_bench
+
+    model_dir, coprocessor_dir = served_dirs
+    docs = tmp_path / "docs.txt"
+    docs.write_text("the cat sees a dog .\n\nthe big red house and a small tree .\n\na .\n")
+    out = tmp_path / "ttft.json"
+    result = run_cache_bench(CacheBenchArgs(model=model_dir, coprocessor=coprocessor_dir, docs=str(docs), limit=2,
+                                            min_tokens=3, repeats=1, question=" the cat", store=str(tmp_path / "s"),
+                                            out=str(out), device="cpu"))
+    assert json.loads(out.read_text())["median_ttft_s"] == result["median_ttft_s"]
+    assert [row["document_tokens"] for row in result["rows"]] == [6, 9]  # "a ." is below --min-tokens
+    assert result["store_hits"] == 2 * 2  # warm-up and one timed run per document, each from the store
+    assert "dca cache bench" in out.with_suffix(".md").read_text()
