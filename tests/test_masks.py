@@ -20,6 +20,9 @@ def test_prefix_positions_follow_generate_for_left_and_right_padding():
 def test_group_positions_continue_after_the_insertion_point():
     pos = torch.arange(6)[None]
     assert group_position_ids(pos, torch.tensor([[1, 4]]), 3).tolist() == [[2, 3, 4, 5, 6, 7]]
+    # without latents (the default) every layout is the plain continuation
+    for layout in ("after", "shared", "replay"):
+        assert group_position_ids(pos, torch.tensor([[1, 4]]), 3, layout=layout).tolist() == [[2, 3, 4, 5, 6, 7]]
 
 
 def test_latent_positions_shared_and_replay_by_hand():
