@@ -89,6 +89,14 @@ def test_gains_and_the_embedding_rms_start_where_the_config_says():
     assert "embed_rms" not in gated.state_dict()  # derived from the decoder, never saved with an adapter
 
 
+def test_vocab_sample_copies_rows_from_the_whole_table():
+    decoder = tiny_decoder("llama")
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=16, soft_token_init="vocab_sample"))
+    table = decoder.get_input_embeddings()(torch.arange(97))
+    rows = [int((table == soft).all(-1).nonzero()[0]) for soft in copro.soft_tokens.detach()]
+    assert len(set(rows)) == 16 and max(rows) >= 32  # distinct rows, not only the first `hidden` of them
+
+
 @pytest.mark.parametrize("init", ["vocab_sample", "vocab_mean", "normal"])
 def test_soft_tokens_are_seeded(init):
     decoder = tiny_decoder("llama")

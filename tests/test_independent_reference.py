@@ -103,3 +103,17 @@ def test_the_reference_sees_what_it_should():
         model.coprocessor.soft_tokens[0].add_(1.0)  # under full attention the first soft token reaches every latent
         after = group_losses(model, input_ids, 6)
     assert not torch.allclose(before, after, rtol=1e-3)
+
+
+def test_the_last_row_of_a_learned_position_table():
+    """GPT-2's table has 128 rows: after t = 121 the last needed member (x[t+3], after 3 latents) is at 127."""
+    model = perturbed_model("gpt2", latent_positions="after")
+    input_ids = torch.randint(0, VOCAB, (1, 128), generator=torch.Generator().manual_seed(5))
+    assert_matches_reference(model, input_ids, torch.tensor([[60, 121]]))
+
+
+def test_one_target_is_its_own_mean():
+    model = perturbed_model("llama")
+    input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    out = model.training_loss(input_ids, torch.tensor([[6]]))  # only x[7] follows
+    assert out.num_targets == 1 and torch.equal(out.loss, out.token_losses.sum())

@@ -141,3 +141,10 @@ def test_from_pretrained_without_a_decoder_says_how_to_load_one(tmp_path, decode
     make_model().save_pretrained(tmp_path / "adapter")
     with pytest.raises(TypeError, match=r"needs the frozen decoder.*AutoModelForCausalLM\.from_pretrained"):
         AugmentedLM.from_pretrained(tmp_path / "adapter", **decoder)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_row_without_real_tokens_is_refused(entry):
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1] = 0  # the other row is fine: one empty row is enough to refuse
+    refuses(make_model(), entry, "every row needs at least one real token", torch.ones(2, 6, dtype=torch.long), mask)

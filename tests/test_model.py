@@ -322,6 +322,14 @@ def test_training_loss_rejects_positions_on_padding():
         model.training_loss(torch.zeros(1, 16, dtype=torch.long), torch.tensor([[3, 12]]), mask)
 
 
+def test_the_decoder_is_frozen_and_in_eval_mode_whatever_it_was():
+    decoder = tiny_decoder("llama").train()
+    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2))
+    assert not decoder.training and not any(p.requires_grad for p in decoder.parameters())
+    model.train()
+    assert not decoder.training and model.coprocessor.training
+
+
 def test_no_coprocessor_gives_a_clear_error():
     with pytest.raises(RuntimeError, match="no coprocessor"):
         AugmentedLM(tiny_decoder("llama")).augment(torch.zeros(1, 4, dtype=torch.long))
