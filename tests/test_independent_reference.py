@@ -117,3 +117,24 @@ def test_one_target_is_its_own_mean():
     input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
     out = model.training_loss(input_ids, torch.tensor([[6]]))  # only x[7] follows
     assert out.num_targets == 1 and torch.equal(out.loss, out.token_losses.sum())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_full_soft_token_attention_made_causal_everywhere_is_caught(mode, monkeypatch):
+    """The change that passed every test before this reference existed: full attention silently causal."""
+    import dca.attention.grouped
+    import dca.masks
+
+    original = dca.masks.within_group_allowed
+
+    def always_causal(group_size, *, causal=True, sliding_window=None, device=None):
+        return original(group_size, causal=True, sliding_window=sliding_window, device=device)
+
+    for module in (dca.masks, dca.attention.grouped):
+        monkeypatch.setattr(module, "within_group_allowed", always_causal)
+    model = perturbed_model("llama", soft_token_attention="full")
+    input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model.group_attention = mode
+        fast = model.training_loss(input_ids, torch.tensor([[6]])).token_losses[0, 0]
+        assert not torch.allclose(fast, group_losses(model, input_ids, 6), rtol=1e-4)
