@@ -29,6 +29,9 @@ def main(folder: str) -> None:
     names = list(reports[delays[0]]["table1"])
     ks = reports[delays[0]]["table1"][names[0]]["ks"]
     table = {name: {d: reports[d]["table1"][name] for d in delays} for name in names}
+    if all("table1_untrained" in reports[d] for d in delays):  # the first one's configuration at initialisation
+        table[f"{names[0]} untrained"] = {d: reports[d]["table1_untrained"][names[0]] for d in delays}
+        names.append(f"{names[0]} untrained")
     lines = ["| coprocessor | latents late (d) | " + " | ".join(f"k={k}" for k in ks) + f" | mean k=1..{ks[-1]} |",
              "|---|---|" + "---|" * (len(ks) + 1)]
     for name in names:
