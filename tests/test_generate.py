@@ -219,6 +219,17 @@ def test_without_augmentation_it_is_the_decoders_generate(kwargs):
     assert torch.equal(model.generate(input_ids, mask, augment=False, pad_token_id=0, **kwargs), expected)
 
 
+def test_without_augmentation_the_mask_given_is_the_mask_used():
+    """A real token equal to the pad id: generate would guess it is padding if the mask were not passed on."""
+    model = make_model("llama", gate_init=0.5)
+    input_ids, mask = left_padded([5, 4], seed=5)
+    input_ids[0, 1:4] = 0  # real, yet equal to pad_token_id
+    kwargs = dict(pad_token_id=0, max_new_tokens=6, do_sample=False)
+    expected = model.decoder.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    assert torch.equal(model.generate(input_ids, mask, augment=False, **kwargs), expected)
+    assert not torch.equal(model.decoder.generate(input_ids=input_ids, **kwargs), expected)  # the guess differs
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(prompt_lookup_num_tokens=2), "not assisted_generation"),
     (dict(penalty_alpha=0.6, top_k=4), "not contrastive_search"),
