@@ -48,6 +48,12 @@ VARIANTS: dict[str, dict] = {
     "replay at own positions + 0.1 x latents": {"latent_scale": "gated", "latent_anchor": "replay",
                                                 "gate_init": 0.1, "soft_token_init": "vocab_mean",
                                                 "latent_positions": "replay"},
+    # issue 11: no duplicates -- only the last latent re-reads x[t] (at pos(t)); the N-1 before it are zero
+    # embeddings, so N changes the number of latents and nothing else
+    "last token at pos(t), zeros before at their own positions (gate 0)": {
+        "latent_scale": "gated", "latent_anchor": "last_token", "latent_positions": "replay"},
+    "last token at pos(t), zeros before at pos(t) (gate 0)": {
+        "latent_scale": "gated", "latent_anchor": "last_token", "latent_positions": "shared"},
 }
 
 
