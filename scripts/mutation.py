@@ -322,7 +322,7 @@ def run(args: argparse.Namespace) -> None:
         def survived(m):
             return m["status"] == "survived" and m.get("status_after", "") in ("survived", "")
         keep = {m["id"] for m in previous["mutants"] if survived(m)}
-        killed_before = [m for m in previous["mutants"] if not survived(m)]
+        killed_before = previous["carried_over"] + [m for m in previous["mutants"] if not survived(m)]
         mutants = [m for m in mutants if m.id in keep]
     else:
         killed_before = []
