@@ -15,6 +15,7 @@ def test_latency_rows_hold_every_way_the_target_and_the_ratios():
         med = row["median_s"]
         assert row["target_s"] == (med["prefill"] + 2 * med["decode step"]) * 1.05
         assert row["met"] == (med["augment"] <= row["target_s"])
+        assert row["ratio_async"] == med["generate, async"] / med["generate, frozen"]
     table = format_latency({"model": "tiny", "coprocessor": "lora", "num_latents": 3, "device": "cpu", "threads": 1,
                             "repeats": 2, "latency": rows})
     assert table.count("\n| 16 |") == 1 and table.count("\n| 24 |") == 1
