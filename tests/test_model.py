@@ -74,6 +74,20 @@ def test_delayed_latents_equal_sequential_late_insertion(family, impl, layout):
     assert out.target_mask[0, 3].sum() == 1 and out.target_mask[1, 3].sum() == 1  # s = 22: one target left
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("anchor", ["replay", "last_token"])
+def test_untrained_late_latents_are_those_of_the_insertion_point(layout, anchor):
+    # gate 0: a latent is its anchor alone, so latents computed at t and inserted after x[t+d] must be exactly
+    # those computed at t+d (the anchor is the insertion point's: the decoder's current token is x[t+d])
+    model = make_model("llama", "eager", latent_positions=layout, latent_anchor=anchor, gate_init=0.0)
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    positions, delays = torch.tensor([[0, 9, 15], [4, 11, 17]]), torch.tensor([[1, 3, 2], [2, 1, 3]])
+    late = model.training_loss(input_ids, positions, delays=delays)
+    moved = model.training_loss(input_ids, positions + delays)
+    torch.testing.assert_close(late.token_losses, moved.token_losses, rtol=RTOL, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_delayed_latents_with_right_and_left_padding(family):
     model = make_model(family, "eager", latent_positions="replay", latent_anchor="replay", gate_init=0.3)

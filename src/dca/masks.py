@@ -27,9 +27,11 @@ that arrive d tokens late are inserted after x[s], s = t + d, and every function
 with s as the group's insertion point: the group sees x[0..s] and itself, its latents take the
 positions the layout gives latents inserted after x[s] (``"after"``: pos(s)+1 .. pos(s)+N;
 ``"shared"``: pos(s); ``"replay"``: the positions of x[s-N+1 .. s]) and the text resumes as after s.
-The latents keep the content of time t (the coprocessor's soft tokens sit at t), but the decoder sees
-them laid out exactly as synchronous ones, so the offsets between latents and the text after them
-are those it was trained with; with d = 0 nothing changes.
+The coprocessor's output keeps the content of time t (its soft tokens sit at t), but the decoder sees
+the latents laid out exactly as synchronous ones, with the anchor of s (`latent_anchor="replay"`: the
+embeddings of x[s-N+1 .. s], which they replay at those positions), so the offsets between latents and
+the text after them, and the current token at the last latent, are those it was trained with; with
+d = 0 nothing changes.
 
 Masks are additive floats (0 = attend, dtype minimum = blocked): transformers' eager attention
 silently ignores a boolean 4D mask, and -inf turns fully blocked rows into NaNs.

@@ -138,10 +138,11 @@ class AugmentedLM(nn.Module):
             attention_mask: [B, T], 1 for real tokens (left or right padding).
             with_baseline: also score the same targets without augmentation (costs one LM head).
             num_ahead: score this many ahead tokens instead of the config's A (evaluation by position).
-            delays: [B, P] d >= 0 per group (delay-robust training, asynchronous evaluation): the latents, still
-                computed from x[0..t], are inserted after x[t+d]; the group sees x[0..t+d] and itself, sits where
-                a group inserted at t+d would (`dca.masks.group_position_ids` at t+d) and is scored on
-                x[t+d+1 .. t+d+A]. None: no delay (bit-identical to all zeros).
+            delays: [B, P] d >= 0 per group (delay-robust training, asynchronous evaluation): the coprocessor's
+                output, still computed from x[0..t], is inserted after x[s], s = t + d; the group sees x[0..s] and
+                itself, sits where a group inserted at s would (`dca.masks.group_position_ids` at s), its anchor
+                (`latent_anchor`) is that of s (the embeddings of x[s-N+1 .. s] for "replay") and it is scored on
+                x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
@@ -193,8 +194,10 @@ class AugmentedLM(nn.Module):
                 attention_mask, prefix_pos, positions, n, num_latents=n,
                 causal=config.soft_token_attention == "causal", grouped=grouped)
             with self._group_pass(coprocessor.body, grouped):
+                # the soft tokens read x[0..t]; the anchor is the text before the insertion point s = t + d, so that
+                # late latents replay x[s-N+1 .. s] and the decoder's current token stays x[s]
                 latents = coprocessor(prefix_view(cache), soft_mask, soft_pos,
-                                      anchor=self._latent_anchor(input_ids, attention_mask, positions), **soft_kwargs)
+                                      anchor=self._latent_anchor(input_ids, attention_mask, inserted), **soft_kwargs)
 
         # 3. the decoder: P groups of [latents, x[s+1 .. s+A-1]] after x[0..s]
         ahead = self._embed(targets[:, :, : a - 1])  # [B, P, A-1, H]
@@ -313,14 +316,15 @@ class AugmentedLM(nn.Module):
         return cache, latents, extended_mask, latent_pos, next_pos
 
     def prompt_latents(self, cache: DynamicCache, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
+                       attention_mask: torch.Tensor, *, anchored: bool = True) -> torch.Tensor:
         """[B, N, H]: the coprocessor's latents for a left-padded prompt whose plain cache is `cache` (extended in
-        place: pass a fork). What `augment` writes after the prompt; asynchronous generation runs it on the side."""
+        place: pass a fork). What `augment` writes after the prompt; asynchronous generation runs it on the side,
+        with ``anchored=False`` (the output without `latent_anchor`'s embeddings, which it adds at insertion)."""
         coprocessor = self._require_coprocessor()
         n, layout = coprocessor.config.num_latents, coprocessor.config.latent_positions
         prefix_pos = prefix_position_ids(attention_mask)
         last = torch.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, device=input_ids.device)
-        anchor = self._latent_anchor(input_ids, attention_mask, last)
+        anchor = self._latent_anchor(input_ids, attention_mask, last) if anchored else None
         if coprocessor.config.soft_token_attention == "causal":
             # the model's own causal mask: an independent check on dca.masks in the tests
             extended_mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], n)], dim=1)

@@ -22,9 +22,9 @@ from dca.model import AugmentedLM
 def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int, delay: int = 0) -> torch.Tensor:
     """Cross-entropy of each existing ahead token x[s+1 .. s+A], s = t + delay, of one unpadded row [1, T].
 
-    With a delay the latents are those `augment` computes from x[0..t], inserted after x[0..s] read plainly,
-    at the position ids a group inserted at s takes (`insert_latents`). Differentiable when called with
-    gradients enabled.
+    With a delay the latents are those `augment` computes from x[0..t] with their anchor moved to s
+    (`move_anchor`), inserted after x[0..s] read plainly, at the position ids a group inserted at s takes
+    (`insert_latents`). Differentiable when called with gradients enabled.
     """
     num_ahead = model.coprocessor.config.num_ahead
     s = t + delay
@@ -33,7 +33,8 @@ def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int,
         return torch.zeros(0, device=input_ids.device)
     out = model.augment_with_grad(input_ids[:, : t + 1])
     if delay:
-        out = insert_latents(model, input_ids[:, : s + 1], out.latents)
+        text = input_ids[:, : s + 1]
+        out = insert_latents(model, text, move_anchor(model, out.latents, input_ids[:, : t + 1], text))
     losses = [F.cross_entropy(out.logits.float(), targets[:1])]
     if len(targets) > 1:
         steps = torch.arange(len(targets) - 1, device=input_ids.device)
@@ -60,3 +61,27 @@ def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor
     next_pos = torch.tensor([[length + config.positions_taken]], device=text.device)
     return SimpleNamespace(past_key_values=cache, logits=out.logits[:, -1], attention_mask=mask,
                            next_position_ids=next_pos)
+
+
+def move_anchor(model: AugmentedLM, latents: torch.Tensor, prompt: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Latents computed at the end of the unpadded row `prompt` [1, t+1], to be inserted after `text` [1, s+1]
+    (which starts with it): the anchor they were written on is swapped for the one of the insertion point.
+
+    The mapping is additive (latent = anchor + coprocessor output), so this is ``latents - anchor(t) +
+    anchor(s)``, each anchor written out from `CoprocessorConfig.latent_anchor`: "replay" is the embeddings of
+    the last N tokens before the point (the first token repeated where there are fewer), "last_token" the
+    last token's embedding on the last latent, "none" nothing. Pause tokens (no coprocessor body) have none.
+    """
+    config = model.coprocessor.config
+    if config.latent_anchor == "none" or model.coprocessor.body is None:
+        return latents
+    return latents - _anchor(model, prompt).to(latents.dtype) + _anchor(model, text).to(latents.dtype)
+
+
+def _anchor(model: AugmentedLM, row: torch.Tensor) -> torch.Tensor:
+    n, length = model.coprocessor.config.num_latents, row.shape[1]
+    embeds = model.decoder.get_input_embeddings()(row[0])
+    replay = torch.stack([embeds[max(length - n + i, 0)] for i in range(n)])[None]
+    if model.coprocessor.config.latent_anchor == "replay":
+        return replay
+    return torch.cat([torch.zeros_like(replay[:, :-1]), replay[:, -1:]], dim=1)  # last_token

@@ -1,5 +1,5 @@
 """Asynchronous augmentation against its sequential reference: decode d tokens plainly, insert the latents
-computed from the prompt (laid out as latents inserted after x[t+d]), continue greedily."""
+computed from the prompt (their anchor moved to x[t+d], laid out as latents inserted there), continue greedily."""
 
 import threading
 
@@ -9,7 +9,7 @@ from tiny_models import FAMILIES, VOCAB, tiny_decoder
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.reference import insert_latents
+from dca.reference import insert_latents, move_anchor
 from dca.serve.asynchronous import generate_async
 
 LAYOUTS = ("after", "shared", "replay")
@@ -25,9 +25,10 @@ def make_model(family="llama", **config):
 
 @torch.no_grad()
 def sequential_reference(model, prompt, delay, new=NEW):
-    """[1, len + new]: d plain greedy tokens, then the prompt's latents after x[t+d], then greedy on."""
+    """[1, len + new]: d plain greedy tokens, then the prompt's latents after x[t+d] (anchored there), then greedy
+    on."""
     text = model.decoder.generate(prompt, max_new_tokens=delay, do_sample=False) if delay else prompt
-    out = insert_latents(model, text, model.augment(prompt).latents)
+    out = insert_latents(model, text, move_anchor(model, model.augment(prompt).latents, prompt, text))
     cache, logits, position = out.past_key_values, out.logits, int(out.next_position_ids)
     tokens = text[0].tolist()
     for _ in range(new - delay):
@@ -55,7 +56,7 @@ def test_latent_delay_equals_the_sequential_late_insertion(family, layout):
     assert torch.equal(outputs[0], model.generate(prompt, max_new_tokens=NEW, do_sample=False))
     with torch.no_grad():
         text = outputs[2][:, : 8 + 3]
-        late = insert_latents(model, text, model.augment(prompt).latents).logits
+        late = insert_latents(model, text, move_anchor(model, model.augment(prompt).latents, prompt, text)).logits
         assert not torch.allclose(late, model.decoder(text).logits[:, -1], atol=1e-3)
 
 

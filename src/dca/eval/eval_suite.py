@@ -58,7 +58,7 @@ class EvalArgs:
     ks: list[int] = field(default_factory=lambda: list(KS), metadata=help_meta("distances k of Table 1"))
     latent_delay: int = field(default=0, metadata=help_meta(
         "Table 1 with latents arriving this many tokens late (asynchronous augmentation): computed from x[0..t], "
-        "inserted after x[t+d], k counted from there"))
+        "inserted after x[t+d] on the anchor of x[t+d], k counted from there"))
     bootstrap: int = field(default=1000, metadata=help_meta("bootstrap resamples for the intervals"))
     untrained: bool = field(default=True, metadata=help_meta(
         "Table 1 also shows each coprocessor's configuration untrained (at initialisation, same init_seed)"))

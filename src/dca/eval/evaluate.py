@@ -6,9 +6,10 @@ both in one pass). The relative perplexity change at distance k is exp(mean NLL_
 mean NLL_base(k)) - 1; its confidence interval comes from a bootstrap over sequences.
 
 With ``latent_delay=d`` the latents computed from x[0..t] arrive d tokens late, as under asynchronous
-augmentation: they are inserted after x[t+d] (`AugmentedLM.training_loss`'s delays), k counts from there
-(the k-th token is x[t+d+k]) and the base is scored on the same tokens. The points t are those of d = 0,
-so every delay sees the very same latents; a target past the end of its sequence is not scored.
+augmentation: they are inserted after x[t+d] on the anchor of that point (`AugmentedLM.training_loss`'s
+delays), k counts from there (the k-th token is x[t+d+k]) and the base is scored on the same tokens. The
+points t are those of d = 0, so every delay sees the very same coprocessor output; a target past the end of
+its sequence is not scored.
 """
 
 from __future__ import annotations

@@ -17,11 +17,13 @@ latents inserted after x[s]:
 * ``"shared"``: all at pos(s), and the text resumes at pos(s)+1;
 * ``"replay"``: the positions of x[s-N+1 .. s] (generated tokens count), and the text resumes at pos(s)+1.
 
-Their content is that of time t (the coprocessor's soft tokens sat at t, its anchor is x[t-N+1 .. t]); only
-where the decoder reads them moves, so that the latents and the text after them keep the offsets they were
-trained with. Greedy search and sampling run with transformers' own logits processors and stopping criteria
-(built from the `GenerationConfig` as `generate` builds them); beam search is refused: its beams would each need
-the latents at a different moment.
+The coprocessor's output is that of time t (its soft tokens sat at t and read x[0..t]); the anchor it is added
+to (`latent_anchor`) is that of the insertion point, computed from the tokens generated so far: under
+``"replay"`` the embeddings of x[s-N+1 .. s], so that the last latent still carries the decoder's current token
+x[s] (the prompt's x[t] there would make it predict x[t+1] again). So the latents and the text after them keep
+the offsets and the anchor they were trained with. Greedy search and sampling run with transformers' own logits
+processors and stopping criteria (built from the `GenerationConfig` as `generate` builds them); beam search is
+refused: its beams would each need the latents at a different moment.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class _Latents:
         # thread is done, and the decoder's stream must not get their memory back before it has waited for them
         self._forked = forked
         if not background:
-            self.future.set_result(model.prompt_latents(forked, input_ids, attention_mask))
+            self.future.set_result(model.prompt_latents(forked, input_ids, attention_mask, anchored=False))
             return
         device = input_ids.device
         stream = None
@@ -77,10 +79,10 @@ class _Latents:
             try:
                 with torch.no_grad():  # grad mode is per thread
                     if stream is None:
-                        self.future.set_result(model.prompt_latents(forked, input_ids, attention_mask))
+                        self.future.set_result(model.prompt_latents(forked, input_ids, attention_mask, anchored=False))
                         return
                     with torch.cuda.stream(stream):
-                        latents = model.prompt_latents(forked, input_ids, attention_mask)
+                        latents = model.prompt_latents(forked, input_ids, attention_mask, anchored=False)
                         self.event.record(stream)
                     self.future.set_result(latents)
             except BaseException as err:  # re-raised in the decoding thread, where it is awaited
@@ -185,6 +187,12 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         if inserted_at is None and due:  # this step reads [last token, latents]; with d = 0 the latents alone
             last = torch.full((batch, 1), text_pos.shape[1] - 1, device=input_ids.device)  # s = t + d
             embeds = latents.result()
+            # the anchor of the insertion point, from the prompt and the tokens generated so far (generated rows
+            # are real: left padding only); with d = 0 exactly what augment adds
+            text_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, generated)], dim=1)
+            anchor = model._latent_anchor(sequences, text_mask, last)
+            if anchor is not None:
+                embeds = embeds + anchor.to(embeds.dtype)
             position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout)
             if pending is not None:
                 embeds = torch.cat([model._embed(pending).to(embeds.dtype), embeds], dim=1)
