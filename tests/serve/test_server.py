@@ -67,10 +67,10 @@ def post(port, path, body, raw=False):
     return answer.status, dict(answer.getheaders()), text if raw is True and answer.status == 200 else json.loads(text)
 
 
-def greedy(model, tokenizer, prompt_ids, augment, max_tokens):
+def greedy(model, tokenizer, prompt_ids, augment, max_tokens, **kwargs):
     """The reference: AugmentedLM.generate on one prompt, decoded up to its first end-of-sequence."""
     out = model.generate(torch.tensor([prompt_ids]), augment=augment, max_new_tokens=max_tokens, do_sample=False,
-                         pad_token_id=1, eos_token_id=1)[0, len(prompt_ids):].tolist()
+                         pad_token_id=1, eos_token_id=1, **kwargs)[0, len(prompt_ids):].tolist()
     return tokenizer.decode(out[: out.index(1)] if 1 in out else out, skip_special_tokens=True)
 
 
@@ -93,6 +93,21 @@ def test_greedy_completion_is_generate(server, served, augment):
         assert answer.choices[0].text == greedy(model, tokenizer, tokenizer(prompt).input_ids, augment, 10)
         assert answer.usage.prompt_tokens == len(tokenizer(prompt).input_ids)
         assert answer.usage.completion_tokens <= 10
+
+
+def test_an_async_request_is_generate_with_the_latents_some_tokens_late(server, served):
+    # when the latents arrive depends on the threads' timing, so the answer must be the one of some latent_delay
+    # (or, if generation ended first, the plain model's, which latent_delay = max_tokens also gives)
+    client, _, _ = server
+    model, tokenizer = served
+    ids = tokenizer(PROMPTS[1]).input_ids
+    late = [greedy(model, tokenizer, ids, "async", 10, latent_delay=d) for d in range(11)]
+    assert late[0] == greedy(model, tokenizer, ids, True, 10) and late[10] == greedy(model, tokenizer, ids, False, 10)
+    assert len(set(late)) > 1  # the delay matters for this prompt: the check below can fail
+    answer = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                       extra_body={"augment": "async"})
+    assert answer.choices[0].text in late
+    assert answer.usage.completion_tokens <= 10
 
 
 def test_the_servers_default_augment_applies_to_requests_that_do_not_say(served):
