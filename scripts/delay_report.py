@@ -46,8 +46,9 @@ def main(folder: str) -> None:
     paper = " / ".join(f"{PAPER[d]}" for d in delays if d in PAPER)
     commands = "\n".join(f"    {reports[d]['command']}" for d in delays)
     md = ("# Latents arriving late: perplexity by position\n\nRelative perplexity change of the k-th token after "
-          "the insertion point (latents computed from x[0..t], inserted after x[t+d]; the base model scored on the "
-          "same tokens), 95 % bootstrap interval over sequences.\n\n" + "\n".join(lines)
+          "the insertion point (the coprocessor's output computed from x[0..t], inserted after x[t+d] on the anchor "
+          "of x[t+d]: under the default `latent_anchor=\"replay\"` the embeddings of x[t+d-N+1 .. t+d]; the base "
+          "model scored on the same tokens), 95 % bootstrap interval over sequences.\n\n" + "\n".join(lines)
           + f"\n\nBase perplexity by k:\n{base}\n\nThe paper (App. A.5, Gemma-2 2B, GSM8K accuracy, trained without "
           f"delay) at d = {', '.join(str(d) for d in delays if d in PAPER)}: {paper}.\n\nCommands:\n\n{commands}\n")
     write_file(root / "delay.md", md.encode())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10 part 3: coprocessors trained with latents 0..D tokens late (D = 0 and D = 3) on one small CPU budget,
-# then Table 1 with latents arriving d = 0..3 tokens late, collected into results/delay/delay.md.
+# then Table 1 with latents arriving d = 0..3 tokens late, collected into results/delay/fixed*/delay.md.
 #
 #   nohup scripts/delay_study.sh > runs/delay.log 2>&1 &
 #
@@ -14,9 +14,16 @@ COMMON=(--model smollm2-135m --data wiki --seq-len 128 --positions 8 --batch-siz
 for D in 0 3; do  # the two runs may also go side by side, one process each
   $DCA train "${COMMON[@]}" --max-delay "$D" --out runs/delay/d$D
 done
-for d in 0 1 2 3; do
-  $DCA eval --coprocessors runs/delay/d0/adapter runs/delay/d3/adapter \
-      --model smollm2-135m --data wiki --sequences 64 --seq-len 128 --positions 8 --ks 1 2 3 4 5 6 7 8 \
-      --latent-delay "$d" --out results/delay/eval-d$d
+# Late latents sit on the anchor of their insertion point since the fix after commit 482bb02 (the numbers from
+# before it are in results/delay/before-fix). runs/delay/d3 was trained before the fix (its late groups replayed
+# x[t-N+1 .. t]) and dca train's resume does not know: delete it to retrain it with the fixed anchor.
+EVAL=(--model smollm2-135m --data wiki --sequences 64 --seq-len 128 --positions 8 --ks 1 2 3 4 5 6 7 8)
+for d in 0 1 2 3; do  # the D = 0 coprocessor and its configuration untrained; the four delays may run side by side
+  $DCA eval --coprocessors runs/delay/d0/adapter "${EVAL[@]}" --latent-delay "$d" --out results/delay/fixed/eval-d$d
 done
-.venv/bin/python scripts/delay_report.py results/delay
+for d in 0 1 2 3; do
+  $DCA eval --coprocessors runs/delay/d3/adapter "${EVAL[@]}" --no-untrained --latent-delay "$d" \
+      --out results/delay/fixed-d3/eval-d$d
+done
+.venv/bin/python scripts/delay_report.py results/delay/fixed
+.venv/bin/python scripts/delay_report.py results/delay/fixed-d3
