@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from dca.attention import GROUP_ATTENTION, GroupLayout, use_grouped_attention
@@ -32,6 +32,7 @@ from dca.cache import fork_cache, prefix_view
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
+from dca.inputs import check_batch, check_context, check_delays, check_positions, position_limit
 from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
 from dca.recompute import recomputed_layers
 
@@ -153,10 +154,10 @@ class AugmentedLM(nn.Module):
         if num_ahead is not None and (isinstance(num_ahead, bool) or not isinstance(num_ahead, int) or num_ahead < 1):
             raise ValueError(f"num_ahead must be a positive integer (or None for the config's {config.num_ahead}), "
                              f"got {num_ahead!r}")
-        input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
-        positions = _check_positions(positions, attention_mask)
+        input_ids, attention_mask = check_batch(input_ids, attention_mask, self._vocab_size)
+        positions = check_positions(positions, attention_mask)
         # where each group's latents are inserted: after t, or d tokens later (the decoder's side of every group)
-        inserted = positions if delays is None else _check_positions(positions + _check_delays(delays, positions),
+        inserted = positions if delays is None else check_positions(positions + check_delays(delays, positions),
                                                                      attention_mask, "delayed insertion positions")
         n, a = config.num_latents, config.num_ahead if num_ahead is None else num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
@@ -171,7 +172,7 @@ class AugmentedLM(nn.Module):
         group_pos = group_position_ids(prefix_pos, inserted, group, num_latents=n, layout=config.latent_positions)
         needed = torch.cat([target_mask.new_ones(*positions.shape, n), target_mask[:, :, 1:]], dim=2)
         real_before = prefix_pos.gather(1, inserted) + 1  # real tokens x[0..s]
-        _check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
+        check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
                        max(int(prefix_pos.max()), int(group_pos.view_as(needed)[needed].max())),
                        max(int(attention_mask.sum(1).max()), int((real_before + needed.sum(2)).max())))
 
@@ -206,7 +207,7 @@ class AugmentedLM(nn.Module):
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
         mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, inserted, group, causal=True,
                                                    num_latents=n, grouped=grouped)
-        limit = _position_limit(self.decoder.config)
+        limit = position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
             group_pos = group_pos.clamp(max=limit - 1)
         with self._group_pass(self.decoder, grouped):
@@ -290,7 +291,7 @@ class AugmentedLM(nn.Module):
         """(the prompt's plain cache, latents [B, N, H], mask over prompt + latents, latent position ids, position id
         of the text after the latents), the inputs checked first."""
         coprocessor = self._require_coprocessor()
-        input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
+        input_ids, attention_mask = check_batch(input_ids, attention_mask, self._vocab_size)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("augment needs left padding: the last token of every row must be real "
                              "(tokenizer.padding_side = 'left')")
@@ -301,7 +302,7 @@ class AugmentedLM(nn.Module):
         latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
-        _check_context(self.decoder.config, "augment: the prompt and its latents",
+        check_context(self.decoder.config, "augment: the prompt and its latents",
                        int(latent_pos.max().clamp(min=prefix_pos.max())), int(attention_mask.sum(1).max()) + n)
 
         cache = DynamicCache()
@@ -362,7 +363,7 @@ class AugmentedLM(nn.Module):
             return self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          generation_config=generation_config, **generate_kwargs)
         check_own_arguments(generate_kwargs)
-        input_ids, attention_mask = _check_batch(input_ids, attention_mask, self._vocab_size)
+        input_ids, attention_mask = check_batch(input_ids, attention_mask, self._vocab_size)
         n = self.coprocessor.config.num_latents
         call = generate_arguments(self.decoder, generation_config, generate_kwargs, input_ids.shape[1] + n)
         # the prompt's cache without the latents: generate writes them itself, as its first step, whose logits give
@@ -388,78 +389,3 @@ def _checkpointing(module: nn.Module | None) -> bool:
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
     return losses.view_as(targets) * target_mask
-
-
-def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"input_ids must be a LongTensor [batch, length], got "
-                         f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[0] == 0:
-        raise ValueError("input_ids is an empty batch (batch size 0): there is nothing to run")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: augmentation needs at least one token")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}) (the decoder's input embedding has {vocab_size} "
-                         f"rows), got ids from {low} to {high}")
-    if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(getattr(attention_mask, 'shape', ()))} must be a tensor matching "
-                         f"input_ids {tuple(input_ids.shape)}")
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
-        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (real token), got values such as {odd}")
-    if not bool(attention_mask.any(dim=1).all()):
-        raise ValueError("every row needs at least one real token (attention_mask has an all-zero row)")
-    return input_ids, attention_mask.long()
-
-
-def _position_limit(config: PretrainedConfig) -> int | None:
-    limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)  # GPT-2: n_positions
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
-
-
-def _check_context(config: PretrainedConfig, what: str, largest_position: int, context: int) -> None:
-    """Refuse what the decoder cannot read: a position id past its table, or more cache slots than its context.
-
-    A learned absolute position table (GPT-2) has a row per position id and nothing else limits it; rotary
-    models are trained on `max_position_embeddings` tokens, and the latents fill cache slots even when they
-    take no positions.
-    """
-    limit = _position_limit(config)
-    if limit is None:
-        return
-    if largest_position >= limit:
-        raise ValueError(f"{what} need position id {largest_position}, but the decoder has "
-                         f"max_position_embeddings={limit} (position ids 0..{limit - 1}): shorten the input")
-    text_config = config.get_text_config(decoder=True)
-    rotary = getattr(text_config, "rope_parameters", None) is not None or hasattr(text_config, "rope_theta")
-    if rotary and context > limit:
-        raise ValueError(f"{what} fill {context} cache slots, more than the decoder's context of "
-                         f"max_position_embeddings={limit}: shorten the input")
-
-
-def _check_positions(positions: torch.Tensor, attention_mask: torch.Tensor,
-                     what: str = "insertion positions") -> torch.Tensor:
-    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.dtype != torch.long:
-        raise ValueError("positions must be a LongTensor [batch, P] of insertion indices")
-    if positions.shape[0] != attention_mask.shape[0] or positions.shape[1] == 0:
-        raise ValueError(f"positions {tuple(positions.shape)} must be [batch={attention_mask.shape[0]}, P>=1]")
-    length = attention_mask.shape[1]
-    if bool((positions < 0).any()) or bool((positions > length - 2).any()):
-        raise ValueError(f"{what} must lie in [0, {length - 2}] (each needs a following token), "
-                         f"got min {int(positions.min())}, max {int(positions.max())}")
-    if not bool(attention_mask.gather(1, positions).bool().all()):
-        raise ValueError(f"every one of the {what} must be a real token, not padding")
-    return positions
-
-
-def _check_delays(delays: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    if not isinstance(delays, torch.Tensor) or delays.dtype != torch.long or delays.shape != positions.shape:
-        raise ValueError(f"delays must be a LongTensor shaped like positions {tuple(positions.shape)}, got "
-                         f"{getattr(delays, 'dtype', type(delays))} {tuple(getattr(delays, 'shape', ()))}")
-    if bool((delays < 0).any()):
-        raise ValueError(f"delays must be >= 0 (tokens decoded before the latents arrive), got {int(delays.min())}")
-    return delays

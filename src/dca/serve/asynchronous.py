@@ -137,7 +137,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         generation_config, kwargs: what transformers' `generate` takes (lengths, sampling, eos and pad ids,
             ``logits_processor``, ``stopping_criteria``, ``streamer``, ``tokenizer`` for stop strings).
     """
-    from dca.model import _check_batch, _check_context
+    from dca.inputs import check_batch, check_context
 
     if latent_delay is not None and (isinstance(latent_delay, bool) or not isinstance(latent_delay, int)
                                      or latent_delay < 0):
@@ -146,7 +146,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     check_own_arguments(kwargs)
     coprocessor = model._require_coprocessor()
     decoder = model.decoder
-    input_ids, attention_mask = _check_batch(input_ids, attention_mask, model._vocab_size)
+    input_ids, attention_mask = check_batch(input_ids, attention_mask, model._vocab_size)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate(augment='async') needs left padding: the last token of every row must be real")
     own = {name: kwargs.pop(name, None) for name in OWN_KWARGS}
@@ -156,7 +156,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     batch, length = input_ids.shape
     n, layout = coprocessor.config.num_latents, coprocessor.config.latent_positions
     prefix_pos = prefix_position_ids(attention_mask)
-    _check_context(decoder.config, "generate(augment='async'): the prompt, its latents and the new tokens",
+    check_context(decoder.config, "generate(augment='async'): the prompt, its latents and the new tokens",
                    int(prefix_pos.max()) + config.max_length - length + coprocessor.config.positions_taken,
                    int(attention_mask.sum(1).max()) + n + config.max_length - length)
     processors = decoder._get_logits_processor(

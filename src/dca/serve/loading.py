@@ -6,7 +6,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dca.checks import check_coprocessor, check_model_source, resolve_device
 from dca.errors import ArgumentError
-from dca.model import AugmentedLM, _position_limit
+from dca.inputs import position_limit
+from dca.model import AugmentedLM
 from dca.resources import load_model
 
 
@@ -35,7 +36,7 @@ def num_latents(model: AugmentedLM) -> int:
 
 def context_limit(model: AugmentedLM) -> int | None:
     """How many cache slots (prompt, latents and new tokens) the decoder can read; None if unlimited."""
-    return _position_limit(model.decoder.config)
+    return position_limit(model.decoder.config)
 
 
 def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], param: str = "chat") -> str:

@@ -34,7 +34,8 @@ from dca.adapter import check_finite, decoder_fingerprint, read_tensors
 from dca.atomic import recover, save_directory
 from dca.errors import DCAError
 from dca.generation import check_own_arguments, generate_arguments
-from dca.model import AugmentedLM, _check_batch, _check_context
+from dca.inputs import check_batch, check_context
+from dca.model import AugmentedLM
 
 FORMAT_VERSION = 1
 ENTRY_NAME = "entry.json"
@@ -233,7 +234,7 @@ def _check_tokens(tokens: torch.Tensor, model: AugmentedLM) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long or tokens.numel() == 0:
         raise ValueError(f"a stored context's tokens must be a non-empty 1-D LongTensor, got "
                          f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}")
-    _check_batch(tokens[None], None, model._vocab_size)
+    check_batch(tokens[None], None, model._vocab_size)
     return tokens.detach().cpu()
 
 
@@ -251,7 +252,7 @@ def generate_with_store(model: AugmentedLM, store: str | Path | ContextStore, in
                          f"augment={augment!r}{' with latent_delay' if 'latent_delay' in generate_kwargs else ''}")
     store = as_store(store)
     check_own_arguments(generate_kwargs)
-    input_ids, attention_mask = _check_batch(input_ids, attention_mask, model._vocab_size)
+    input_ids, attention_mask = check_batch(input_ids, attention_mask, model._vocab_size)
     if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
         raise ValueError("generate(store=...) takes one prompt without padding (batch size 1); call it per prompt")
     context = store.find(model, input_ids[0])
@@ -260,7 +261,7 @@ def generate_with_store(model: AugmentedLM, store: str | Path | ContextStore, in
     n, length = context.latents.shape[1], context.tokens.numel()
     rest = input_ids[:, length:]
     next_pos = context.next_position_ids + torch.arange(rest.shape[1], device=input_ids.device)
-    _check_context(model.decoder.config, "generate: the stored document, its latents and the rest of the prompt",
+    check_context(model.decoder.config, "generate: the stored document, its latents and the rest of the prompt",
                    int(next_pos.max()) if rest.shape[1] else int(context.latent_position_ids.max()),
                    input_ids.shape[1] + n)
     call = generate_arguments(model.decoder, generation_config, generate_kwargs, input_ids.shape[1] + n)
