@@ -29,6 +29,22 @@ def assert_grouped_equals_dense(model, input_ids, positions, attention_mask=None
         assert grad.abs().sum() > 0, name  # the comparison is not between two zeros
 
 
+def padded_batch(family, impl, config):
+    """A model with moved LoRA weights (B starts at 0: moved, its gradient paths are exercised too) and a batch of
+    3 rows of 20 tokens: one unpadded, one left-padded, one right-padded."""
+    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(
+        num_latents=3, num_ahead=4, gate_init=0.5, **config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 15:] = 0  # right padding
+    return model, input_ids, attention_mask
+
+
 @pytest.mark.parametrize(("family", "impl"), IMPLS)
 @pytest.mark.parametrize("config", [
     {},  # the default: replay layout, causal soft tokens
@@ -37,16 +53,7 @@ def assert_grouped_equals_dense(model, input_ids, positions, attention_mask=None
 ])
 def test_grouped_equals_dense_with_padding(family, impl, config):
     torch.manual_seed(0)
-    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(
-        num_latents=3, num_ahead=4, gate_init=0.5, **config))
-    with torch.no_grad():  # LoRA's B starts at 0: move it, so its gradient paths are exercised too
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    input_ids = torch.randint(0, VOCAB, (3, 20))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0  # left padding
-    attention_mask[2, 15:] = 0  # right padding
+    model, input_ids, attention_mask = padded_batch(family, impl, config)
     positions = torch.tensor([[0, 6, 12, 17], [5, 9, 14, 18], [1, 7, 11, 13]])
     assert_grouped_equals_dense(model, input_ids, positions, attention_mask)
 
@@ -56,16 +63,7 @@ def test_grouped_equals_dense_with_padding(family, impl, config):
 def test_grouped_equals_dense_with_delays(family, impl, layout):
     # each group's prefix ends at its own t + d, while its coprocessor group still ends at t
     torch.manual_seed(0)
-    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(
-        num_latents=3, num_ahead=4, gate_init=0.5, latent_positions=layout, lora_rank=2))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    input_ids = torch.randint(0, VOCAB, (3, 20))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0  # left padding
-    attention_mask[2, 15:] = 0  # right padding
+    model, input_ids, attention_mask = padded_batch(family, impl, {"latent_positions": layout, "lora_rank": 2})
     positions = torch.tensor([[0, 6, 12, 17], [5, 9, 14, 15], [1, 7, 11, 13]])
     delays = torch.tensor([[3, 0, 2, 1], [1, 3, 0, 2], [2, 1, 3, 0]])
     assert_grouped_equals_dense(model, input_ids, positions, attention_mask, delays)
