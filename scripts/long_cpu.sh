@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 11 item 7 without a GPU: the longest resumable CPU run that fits one session -- the default
+# coprocessor (LoRA 16, N = 16) against pause tokens (N = 16) on one budget (same data, order, steps),
+# then Table 1 on the training corpus (wiki, its 5 % held-out split) and on a second, unlike corpus (owt, never
+# trained on: a 20 % split, since 5 % of it holds fewer than 64 sequences).
+#
+#   OMP_NUM_THREADS=1 nohup scripts/long_cpu.sh > runs/long-cpu.log 2>&1 &
+#
+# Resumable: run it again and finished runs are skipped, interrupted ones resume from their checkpoint.
+# bf16 autocast on the CPU (AVX-512 bf16); one thread, so the machine stays usable beside it.
+set -euo pipefail
+RUNS=${1:-runs/long-cpu}
+REPORT=${2:-results/long-cpu}
+DCA=${DCA:-.venv/bin/dca}
+STEPS=${STEPS:-300}
+mkdir -p "$RUNS" "$REPORT"
+
+COMMON=(--model smollm2-135m --data wiki --seq-len 128 --positions 8 --batch-size 4 --steps "$STEPS" --bf16
+        --warmup-steps 30 --eval-every 150 --eval-sequences 32 --save-every 25 --no-progress
+        --num-latents 16 --num-ahead 16 --lr 1e-3)
+
+run() {  # run NAME ARGS...: train unless its adapter exists
+  local name=$1; shift
+  if [[ -f $RUNS/$name/adapter/dca_config.json ]]; then echo "== $name: done"; return; fi
+  echo "== $name: $DCA train ${COMMON[*]} --out $RUNS/$name $* ($(date -u +%H:%M))"
+  $DCA train "${COMMON[@]}" --out "$RUNS/$name" "$@"
+}
+
+# side by side, one thread each (logs beside the run folders)
+run default-n16 --lora-rank 16 > "$RUNS/default-n16.log" 2>&1 &
+run pause-n16 --method pause > "$RUNS/pause-n16.log" 2>&1 &
+wait -n && wait -n
+# both corpora side by side; the untrained column is left out (init-study gives it for N = 16)
+for split in wiki:0.05 owt:0.2; do
+  data=${split%:*}
+  echo "== eval on $data ($(date -u +%H:%M))"
+  $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" --no-untrained \
+    --coprocessors "$RUNS/default-n16/adapter" "$RUNS/pause-n16/adapter" \
+    --sequences 64 --positions 8 --batch-size 16 --out "$REPORT/$data" > "$RUNS/eval-$data.log" 2>&1 &
+done
+wait -n && wait -n
+echo "== long-cpu done ($(date -u +%H:%M))"
