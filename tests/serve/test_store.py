@@ -217,10 +217,12 @@ def test_dca_cache_build_refuses_bad_arguments_in_one_line(served_dirs, tmp_path
 
     model_dir, coprocessor_dir = served_dirs
     (tmp_path / "file").write_text("x")
+    (tmp_path / "docs.txt").write_text("the cat sees a dog .\n")  # not the builtin corpus: CI has none
     bad = ((["--max-tokens", "0"], "--max-tokens"), (["--docs", str(tmp_path / "no.txt")], "--docs"),
            (["--out", str(tmp_path / "file")], "--out"), (["--coprocessor", str(tmp_path)], "--coprocessor"))
     for argv, option in bad:
-        code = main(["cache", "build", "--model", model_dir, "--coprocessor", coprocessor_dir, *argv])
+        code = main(["cache", "build", "--model", model_dir, "--coprocessor", coprocessor_dir,
+                     "--docs", str(tmp_path / "docs.txt"), *argv])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and option in err, err
 

@@ -12,7 +12,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -157,7 +157,9 @@ def run_cache_bench(args: CacheBenchArgs) -> dict:
               "rows": rows}
     write_file(out, json.dumps(result, indent=2).encode())
     table = format_table(result)
-    given = {k: v for k, v in asdict(args).items() if v != asdict(CacheBenchArgs())[k]}  # what was not the default
+    # what was not the default (read off the fields: building the default arguments would check its corpus)
+    defaults = {f.name: f.default for f in fields(CacheBenchArgs)}
+    given = {k: v for k, v in asdict(args).items() if v != defaults[k]}
     command = " ".join(["dca cache bench", *(f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
                                              for k, v in given.items())])
     write_file(out.with_suffix(".md"), f"{table}\n\nCommand: `OMP_NUM_THREADS={torch.get_num_threads()} {command}`\n")
