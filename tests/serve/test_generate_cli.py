@@ -91,14 +91,15 @@ def test_help_works(command, capsys):
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--max-batch", "0"], "--max-batch"),
     (["serve", "--max-wait-ms", "-1"], "--max-wait-ms"),
-    (["serve", "--coprocessor", "/no/such/coprocessor"], "--coprocessor"),
+    # a model that is there (CI has no builtin one), so that the coprocessor is what fails
+    (["serve", "--model", "{model}", "--coprocessor", "/no/such/coprocessor"], "--coprocessor"),
     (["serve", "--model", "/no/such/model"], "--model"),
     (["bench-serve", "--concurrency", "4", "0"], "--concurrency"),
     (["bench-serve", "--requests", "0"], "--requests"),
 ])
-def test_serve_arguments_are_checked_before_anything_loads(argv, names, capsys, monkeypatch):
+def test_serve_arguments_are_checked_before_anything_loads(argv, names, served_dirs, capsys, monkeypatch):
     monkeypatch.setattr("dca.serve.loading.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    assert main(argv) == 2
+    assert main([arg.replace("{model}", served_dirs[0]) for arg in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert names in err and "\n" not in err
 
