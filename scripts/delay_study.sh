@@ -17,13 +17,14 @@ done
 # Late latents sit on the anchor of their insertion point since the fix after commit 482bb02 (the numbers from
 # before it are in results/delay/before-fix). runs/delay/d3 was trained before the fix (its late groups replayed
 # x[t-N+1 .. t]) and dca train's resume does not know: delete it to retrain it with the fixed anchor.
+# results/delay/fixed-d3 holds that run evaluated with the fixed anchor; the retrained one is in fixed-d3-retrained.
 EVAL=(--model smollm2-135m --data wiki --sequences 64 --seq-len 128 --positions 8 --ks 1 2 3 4 5 6 7 8)
 for d in 0 1 2 3; do  # the D = 0 coprocessor and its configuration untrained; the four delays may run side by side
   $DCA eval --coprocessors runs/delay/d0/adapter "${EVAL[@]}" --latent-delay "$d" --out results/delay/fixed/eval-d$d
 done
 for d in 0 1 2 3; do
   $DCA eval --coprocessors runs/delay/d3/adapter "${EVAL[@]}" --no-untrained --latent-delay "$d" \
-      --out results/delay/fixed-d3/eval-d$d
+      --out results/delay/fixed-d3-retrained/eval-d$d
 done
 .venv/bin/python scripts/delay_report.py results/delay/fixed
-.venv/bin/python scripts/delay_report.py results/delay/fixed-d3
+.venv/bin/python scripts/delay_report.py results/delay/fixed-d3-retrained
