@@ -26,17 +26,28 @@ run() {  # run NAME ARGS...: train unless its adapter exists
   $DCA train "${COMMON[@]}" --out "$RUNS/$name" "$@"
 }
 
-# side by side, one thread each (logs beside the run folders)
+# side by side, one thread each (logs beside the run folders); the paper preset (issue 11, item 1) at the same
+# budget was added a session later, and is scored on its own below (the base perplexities are the same)
 run default-n16 --lora-rank 16 > "$RUNS/default-n16.log" 2>&1 &
 run pause-n16 --method pause > "$RUNS/pause-n16.log" 2>&1 &
-wait -n && wait -n
+run paper-n16 --preset paper --lora-rank 16 > "$RUNS/paper-n16.log" 2>&1 &
+wait -n && wait -n && wait -n
 # both corpora side by side; the untrained column is left out (init-study gives it for N = 16)
 for split in wiki:0.05 owt:0.2; do
   data=${split%:*}
+  [[ -f $REPORT/$data/eval.json ]] && { echo "== eval on $data: done"; continue; }
   echo "== eval on $data ($(date -u +%H:%M))"
   $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" --no-untrained \
     --coprocessors "$RUNS/default-n16/adapter" "$RUNS/pause-n16/adapter" \
     --sequences 64 --positions 8 --batch-size 16 --out "$REPORT/$data" > "$RUNS/eval-$data.log" 2>&1 &
 done
-wait -n && wait -n
+wait
+for split in wiki:0.05 owt:0.2; do
+  data=${split%:*}
+  [[ -f $REPORT/paper/$data/eval.json ]] && continue
+  echo "== paper preset, eval on $data ($(date -u +%H:%M))"
+  $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" \
+    --coprocessors "$RUNS/paper-n16/adapter" \
+    --sequences 64 --positions 8 --batch-size 16 --out "$REPORT/paper/$data" > "$RUNS/eval-paper-$data.log" 2>&1
+done
 echo "== long-cpu done ($(date -u +%H:%M))"
