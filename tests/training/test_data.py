@@ -2,7 +2,8 @@ import pytest
 import torch
 from tiny_models import word_tokenizer
 
-from dca.training.data import BatchSchedule, is_held_out, pack, sample_positions, split_texts, tokenize_and_pack
+from dca.training.data import (BatchSchedule, is_held_out, leading_bos, pack, sample_positions, split_texts,
+                               tokenize_and_pack)
 
 
 def test_pack_concatenates_with_separators_and_drops_the_tail():
@@ -17,6 +18,20 @@ def test_tokenize_and_pack_uses_the_eos_as_separator():
     packed = tokenize_and_pack(["the cat", "a dog runs"], word_tokenizer(), seq_len=3)
     tok = word_tokenizer()
     assert packed.flatten().tolist() == tok("the cat </s> a dog runs")["input_ids"][:6]
+
+
+def test_tokenize_and_pack_starts_every_sequence_with_bos_when_the_tokenizer_does():
+    from tokenizers import processors
+
+    tok = word_tokenizer()
+    assert leading_bos(tok) is None  # like SmolLM2's: sequences are packed as before
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert leading_bos(tok) == tok.bos_token_id  # like Gemma's
+    packed = tokenize_and_pack(["the cat", "a dog runs"], tok, seq_len=4)
+    body = tok("the cat </s> a dog runs", add_special_tokens=False)["input_ids"]
+    assert packed.tolist() == [[tok.bos_token_id, *body[:3]], [tok.bos_token_id, *body[3:6]]]
 
 
 def test_held_out_split_is_stable_and_disjoint():

@@ -43,9 +43,22 @@ def pack(token_lists: Iterable[list[int]], seq_len: int, separator_id: int | Non
     return torch.tensor(stream[:usable], dtype=torch.long).view(-1, seq_len)
 
 
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id if the tokenizer starts every text with one (Gemma's do, SmolLM2's do not), else None."""
+    ids = tokenizer("a")["input_ids"]
+    return ids[0] if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else None
+
+
 def tokenize_and_pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Documents joined by EOS and cut into [num_seqs, seq_len]. A model whose tokenizer starts every text with
+    BOS gets BOS at position 0 of every sequence: without it Gemma-3 forms no attention sink and looks twice as
+    hard at its last tokens (results/duplicate-attention), far from the inputs it was trained on."""
     token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return pack(token_lists, seq_len, tokenizer.eos_token_id)
+    bos = leading_bos(tokenizer)
+    if bos is None:
+        return pack(token_lists, seq_len, tokenizer.eos_token_id)
+    body = pack(token_lists, seq_len - 1, tokenizer.eos_token_id)
+    return torch.cat([torch.full((len(body), 1), bos, dtype=body.dtype), body], 1)
 
 
 def sample_positions(batch: int, seq_len: int, num_positions: int, generator: torch.Generator,
