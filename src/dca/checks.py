@@ -58,7 +58,8 @@ def resolve_device(name: str, value: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if value == "auto" else torch.device(value)
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """A name meant as a local path (so never a hub name): what makes a missing one an error here."""
     return value.startswith(("/", ".", "~")) or value.endswith((".txt", ".jsonl", ".json", ".gguf"))
 
 
@@ -79,7 +80,7 @@ def check_model_source(name: str, value: str) -> None:
     elif path.is_file():
         if path.suffix != ".gguf":
             raise ArgumentError(name, f"{value} is a file; give a model folder or a .gguf file")
-    elif _looks_like_path(value) or value.count("/") > 1:
+    elif looks_like_path(value) or value.count("/") > 1:
         raise ArgumentError(name, f"no such model folder or file: {value} (builtin models: "
                                   f"{', '.join(BUILTIN_MODELS)})")
 
@@ -94,7 +95,7 @@ def check_data_source(name: str, value: str) -> None:
                                       f"`make resources-all` or `{BUILTIN_CORPORA[value].install}`")
         return
     path = Path(value).expanduser()
-    if not path.exists() and (_looks_like_path(value) or value.count("/") > 1):
+    if not path.exists() and (looks_like_path(value) or value.count("/") > 1):
         raise ArgumentError(name, f"no such file or folder: {value} (builtin corpora: {', '.join(BUILTIN_CORPORA)})")
 
 

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dca.atomic import write_file
+from dca.checks import looks_like_path
 from dca.errors import DataError, ResourceError
 
 
@@ -285,7 +286,7 @@ def load_texts(name_or_path: str, limit: int | None = None) -> list[str]:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _read_local(path)[:limit]
-    if path.suffix in (".txt", ".jsonl", ".json") or name_or_path.startswith(("/", ".", "~")):
+    if looks_like_path(name_or_path):
         raise DataError(f"no such file or folder: {name_or_path}")
     name, _, config = name_or_path.partition(":")
     try:

@@ -2,8 +2,15 @@ import pytest
 import torch
 from tiny_models import word_tokenizer
 
-from dca.training.data import (BatchSchedule, is_held_out, leading_bos, pack, sample_positions, split_texts,
-                               tokenize_and_pack)
+from dca.training.data import (
+    BatchSchedule,
+    is_held_out,
+    leading_bos,
+    pack,
+    sample_positions,
+    split_texts,
+    tokenize_and_pack,
+)
 
 
 def test_pack_concatenates_with_separators_and_drops_the_tail():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dca.atomic import write_file
 from dca.checks import check_data_source, check_int, check_model_source, check_number, check_writable_dir
-from dca.config import CoprocessorConfig, help_meta
+from dca.config import PAPER_FIELDS, CoprocessorConfig, help_meta
 from dca.errors import ArgumentError
 from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
@@ -27,6 +27,7 @@ BASE: dict = {"latent_scale": "embed_rms", "latent_anchor": "none", "gate_init":
               "soft_token_init": "vocab_sample", "latent_positions": "after"}
 
 VARIANTS: dict[str, dict] = {
+    "paper preset": {**PAPER_FIELDS, "soft_token_init": "vocab_mean"},  # CoprocessorConfig.paper(), field by field
     "hidden states as embeddings (naive)": {"latent_scale": "none"},
     "rescaled to embedding RMS": {"latent_scale": "embed_rms"},
     "rescaled, read before final norm": {"latent_scale": "embed_rms", "latent_source": "pre_norm"},
