@@ -131,6 +131,15 @@ def test_flex_forward_equals_dense_with_three_query_heads_per_key_head():
     assert_flex_forward_equals_dense(model, input_ids, POSITIONS, attention_mask)
 
 
+def test_flex_forward_under_bf16_autocast_is_close_to_dense():
+    """Training runs under bf16 autocast where the device has it: flex attention takes the autocast dtype."""
+    torch.manual_seed(0)
+    model, input_ids, attention_mask = padded_batch("gemma3", "eager", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        dense, flex = (losses(model, mode, input_ids, POSITIONS, attention_mask) for mode in ("dense", "flex"))
+    torch.testing.assert_close(flex.float(), dense.float(), rtol=2e-2, atol=2e-2)  # bf16 rounding, two paths
+
+
 def test_auto_takes_grouped_on_cpu_and_flex_only_where_its_kernel_runs(monkeypatch):
     small, wide = tiny_decoder("llama").config, tiny_decoder("gpt2", n_head=2).config  # head dims 8 and 16
     assert not flex_supported(small, "cuda") and flex_supported(wide, "cuda") and not flex_supported(wide, "cpu")
