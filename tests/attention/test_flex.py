@@ -140,6 +140,26 @@ def test_flex_forward_under_bf16_autocast_is_close_to_dense():
     torch.testing.assert_close(flex.float(), dense.float(), rtol=2e-2, atol=2e-2)  # bf16 rounding, two paths
 
 
+def test_the_compiled_path_traces_gives_the_same_values_and_compiles_once(monkeypatch):
+    """What CUDA runs, short of its kernels: flex attention and the block mask through torch.compile (dynamo and AOT
+    autograd, here without code generation), the same values, and a pass with new insertion points (new tensors in
+    the predicate, same shapes) reuses the compiled graphs."""
+    import torch._dynamo
+
+    compiled = {}
+    monkeypatch.setattr("dca.attention.flex._on_cuda", lambda fn, device: compiled.setdefault(
+        fn, torch.compile(fn, backend="aot_eager")))
+    torch.manual_seed(0)
+    model, input_ids, attention_mask = padded_batch("gemma2", "eager", {})  # softcapping, two windows, GQA
+    try:
+        assert_flex_forward_equals_dense(model, input_ids, POSITIONS, attention_mask)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert_flex_forward_equals_dense(model, input_ids, (POSITIONS - 1).clamp(min=0), attention_mask)
+    finally:
+        torch._dynamo.reset()
+    assert len(compiled) == 2  # flex_attention and create_block_mask
+
+
 def test_auto_takes_grouped_on_cpu_and_flex_only_where_its_kernel_runs(monkeypatch):
     small, wide = tiny_decoder("llama").config, tiny_decoder("gpt2", n_head=2).config  # head dims 8 and 16
     assert not flex_supported(small, "cuda") and flex_supported(wide, "cuda") and not flex_supported(wide, "cpu")

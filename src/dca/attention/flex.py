@@ -35,25 +35,26 @@ MIN_CUDA_HEAD_DIM = 16  # the Triton kernel's smallest head dimension (tl.dot)
 
 def group_mask_mod(layout: GroupLayout, sliding_window: int | None = None) -> Callable:
     """The predicate `create_block_mask` takes: may query q (of P·G) attend to key kv (of T + P·G)?"""
-    valid = layout.prefix_valid.bool()  # [B, T]
-    positions = layout.prefix_positions  # [B, T]
+    batch, groups = layout.insert_at.shape
+    size, causal, prefix_len = layout.group_size, layout.causal, layout.prefix_valid.shape[1]
+    # the prefix tables run on over the group keys (none of them a prefix key), so every lookup below is in range
+    # for any q < P·G, kv < T + P·G -- the CUDA kernel hands the predicate indices in range -- with no clamping
+    # (which trips inductor's range analysis)
+    tail = (batch, groups * size)
+    valid = torch.cat([layout.prefix_valid.bool(), layout.prefix_valid.new_zeros(tail, dtype=torch.bool)], 1)
+    positions = torch.cat([layout.prefix_positions, layout.prefix_positions.new_zeros(tail)], 1)  # [B, T + P·G]
     insert_at = layout.insert_at  # [B, P]
-    size, causal = layout.group_size, layout.causal
-    prefix_len, queries = valid.shape[1], insert_at.shape[1] * size
-    slots = group_position_ids(positions, insert_at, size)  # [B, P·G]: pos(t) + 1 + m, the member's cache slot
+    slots = group_position_ids(layout.prefix_positions, insert_at, size)  # [B, P·G]: pos(t) + 1 + m, the cache slot
 
     def mask_mod(b, h, q, kv):
-        # indices are clamped before every lookup: the CUDA kernel may evaluate this past the ends of a block
-        q = q.clamp(max=queries - 1)
         group, member = q // size, q % size
-        j = kv.clamp(max=prefix_len - 1)  # as a prefix key
-        k = (kv - prefix_len).clamp(min=0)  # as a group key
-        to_prefix = (kv < prefix_len) & (j <= insert_at[b, group]) & valid[b, j]
-        to_group = (kv >= prefix_len) & (k // size == group)
+        k = kv - prefix_len  # as a group key: its index among the P·G, negative for prefix keys
+        to_prefix = valid[b, kv] & (kv <= insert_at[b, group])
+        to_group = (k >= 0) & (k // size == group)
         if causal:
             to_group = to_group & (k % size <= member)
         if sliding_window is not None:  # windows count cache slots (dca.masks)
-            to_prefix = to_prefix & (slots[b, q] - positions[b, j] < sliding_window)
+            to_prefix = to_prefix & (slots[b, q] - positions[b, kv] < sliding_window)
             to_group = to_group & (member - k % size < sliding_window)
         return to_prefix | to_group
 
