@@ -42,6 +42,8 @@ def test_methods_and_batch_replace_each_sizes_own(tmp_path, monkeypatch):
     assert set(row["median_s"]) == {"one_pass", "finetune"} and row["size"]["batch"] == 1 and result["bf16"]
     with pytest.raises(ValueError, match=r"methods has unknown names \['sparse'\]"):
         BenchArgs(sizes=["tiny"], out=str(tmp_path / "b.json"), methods=["sparse"])
+    with pytest.raises(ValueError, match="need --device cuda"):
+        BenchArgs(sizes=["tiny"], out=str(tmp_path / "b.json"), methods=["one_pass_flex"], device="cpu")
 
 
 def test_sweep_names_the_four_sizes_of_the_paper_shape():

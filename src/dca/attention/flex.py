@@ -121,7 +121,7 @@ def flex_group_attention(
         raise ValueError(f"flex group attention got {q_len} queries after {prefix_len} cached keys, but the layout "
                          f"has {groups} groups of {size} after {dca_groups.prefix_valid.shape[1]} tokens")
     rep = heads // key.shape[1]
-    if rep & (rep - 1):  # the kernel shares a key head among a power of 2 of query heads only: copy the keys
+    if rep & (rep - 1):  # flex's kernel for < 128 queries shares a key head among 2^i query heads only: copy the keys
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
 
     def softcapped(score, b, h, q, kv):  # Gemma 2: scores bent into (-softcap, softcap) after scaling

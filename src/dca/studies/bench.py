@@ -133,6 +133,9 @@ class BenchArgs:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ArgumentError("methods", f"has unknown names {unknown}; choose from {list(ALL_METHODS)}")
+        flex = [m for m in self.methods if ONE_PASS.get(m, ("",))[0] == "flex"]
+        if flex and not self.device.startswith("cuda"):
+            raise ArgumentError("methods", f"{flex} need --device cuda: torch has no flex attention backward on CPU")
         check_device("device", self.device)
         for length in self.prompt_lengths:
             check_int("prompt_lengths", length)
