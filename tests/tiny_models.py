@@ -38,8 +38,12 @@ def _configs():
 FAMILIES = tuple(_configs())
 
 
-def tiny_decoder(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> PreTrainedModel:
+def tiny_decoder(family: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides) -> PreTrainedModel:
+    """A tiny `family` model; `overrides` set config attributes first (e.g. head_dim=16, which CUDA's flex kernel
+    needs at least)."""
     config = _configs()[family]
+    for name, value in overrides.items():
+        setattr(config, name, value)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from dca.attention import GROUP_ATTENTION, GroupLayout, use_grouped_attention
+from dca.attention import FLEX, GROUP_ATTENTION, GROUPED, FlexLayout, GroupLayout, flex_supported, use_grouped_attention
 from dca.cache import fork_cache, prefix_view
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
@@ -80,8 +80,9 @@ class AugmentedLM(nn.Module):
         self.decoder = decoder
         self.config = config
         self.coprocessor = coprocessor if coprocessor is not None or config is None else Coprocessor(decoder, config)
-        # how training_loss's groups attend: "grouped" (linear in P) or "dense" (one mask, the reference)
-        self.group_attention = "grouped"
+        # how training_loss's groups attend: "grouped" (linear in P), "flex" (block-sparse flex attention, for CUDA),
+        # "dense" (one mask, the reference) or "auto" (flex where `flex_supported`, else grouped)
+        self.group_attention = "auto"
         # training_loss keeps only each layer's input of its two group passes and replays the layer in backward
         self.activation_checkpointing = False
 
@@ -187,14 +188,14 @@ class AugmentedLM(nn.Module):
             baseline = _token_losses(prefix_out.logits.view(*targets.shape, -1), targets, target_mask)
 
         # 2. the coprocessor: P groups of N soft tokens over a fork of that cache (pause tokens read nothing)
-        grouped = self._group_attention() == "grouped"
+        attention = self._group_attention()  # "grouped", "flex" or "dense"
         if coprocessor.body is None:
             latents = coprocessor.pause_tokens(input_ids.shape[0], positions.shape[1])
         else:
             soft_mask, soft_pos, soft_kwargs = self._group_inputs(
                 attention_mask, prefix_pos, positions, n, num_latents=n,
-                causal=config.soft_token_attention == "causal", grouped=grouped)
-            with self._group_pass(coprocessor.body, grouped):
+                causal=config.soft_token_attention == "causal", attention=attention)
+            with self._group_pass(coprocessor.body, attention):
                 # the soft tokens read x[0..t]; the anchor is the text before the insertion point s = t + d, so that
                 # late latents replay x[s-N+1 .. s] and the decoder's current token stays x[s]
                 latents = coprocessor(prefix_view(cache), soft_mask, soft_pos,
@@ -206,11 +207,11 @@ class AugmentedLM(nn.Module):
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
         mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, inserted, group, causal=True,
-                                                   num_latents=n, grouped=grouped)
+                                                   num_latents=n, attention=attention)
         limit = position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
             group_pos = group_pos.clamp(max=limit - 1)
-        with self._group_pass(self.decoder, grouped):
+        with self._group_pass(self.decoder, attention):
             out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
                                past_key_values=prefix_view(cache), use_cache=True, logits_to_keep=keep, **group_kwargs)
         token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
@@ -218,10 +219,12 @@ class AugmentedLM(nn.Module):
         return TrainingLoss(loss, token_losses, target_mask, baseline)
 
     @contextlib.contextmanager
-    def _group_pass(self, model: nn.Module, grouped: bool):
-        """A pass over P groups: grouped attention and activation checkpointing, as this model is set."""
+    def _group_pass(self, model: nn.Module, attention: str):
+        """A pass over P groups: grouped (or flex) attention and activation checkpointing, as this model is set."""
         def setting():
-            return use_grouped_attention(model) if grouped else contextlib.nullcontext()
+            if attention == "dense":
+                return contextlib.nullcontext()
+            return use_grouped_attention(model, implementation=FLEX if attention == "flex" else GROUPED)
 
         with setting(), recomputed_layers(model, enabled=bool(self.activation_checkpointing), setting=setting):
             yield
@@ -230,18 +233,21 @@ class AugmentedLM(nn.Module):
         if self.group_attention not in GROUP_ATTENTION:
             raise ValueError(f"AugmentedLM.group_attention must be one of {GROUP_ATTENTION}, "
                              f"got {self.group_attention!r}")
+        if self.group_attention == "auto":
+            return "flex" if flex_supported(self.decoder.config, self.device) else "grouped"
         return self.group_attention
 
     def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
-                      group_size: int, *, causal: bool, num_latents: int, grouped: bool = False):
+                      group_size: int, *, causal: bool, num_latents: int, attention: str = "dense"):
         """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`."""
         position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
                                           layout=self.coprocessor.config.latent_positions)
-        if grouped:  # the layout goes to `grouped_attention` through transformers' kwargs; the mask is a token
-            # 4D placeholder, so that transformers builds none (grouped_attention ignores it)
+        if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
+            # a token 4D placeholder, so that transformers builds none (grouped and flex attention ignore it)
             placeholder = torch.zeros(attention_mask.shape[0], 1, 1, 1, device=attention_mask.device)
-            return placeholder, position_ids, {"dca_groups": GroupLayout(attention_mask, prefix_pos, positions,
-                                                                         group_size, causal)}
+            layout = FlexLayout if attention == "flex" else GroupLayout  # flex's also keeps its block masks
+            return placeholder, position_ids, {"dca_groups": layout(attention_mask, prefix_pos, positions, group_size,
+                                                                    causal)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype

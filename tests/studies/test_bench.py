@@ -31,6 +31,21 @@ def test_the_p_sweep_is_plotted(tmp_path, monkeypatch):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_methods_and_batch_replace_each_sizes_own(tmp_path, monkeypatch):
+    import dca.studies.bench as bench
+
+    monkeypatch.setitem(bench.SIZES, "tiny", bench.BenchSize("tiny", hidden=32, layers=1, seq_len=32, batch=3,
+                                                             positions=2, latents=2, ahead=2))
+    result = run_bench(BenchArgs(sizes=["tiny"], repeats=1, device="cpu", out=str(tmp_path / "b.json"), memory=False,
+                                 methods=["one_pass", "finetune"], batch=1, bf16=True))
+    row = result["rows"][0]
+    assert set(row["median_s"]) == {"one_pass", "finetune"} and row["size"]["batch"] == 1 and result["bf16"]
+    with pytest.raises(ValueError, match=r"methods has unknown names \['sparse'\]"):
+        BenchArgs(sizes=["tiny"], out=str(tmp_path / "b.json"), methods=["sparse"])
+    with pytest.raises(ValueError, match="need --device cuda"):
+        BenchArgs(sizes=["tiny"], out=str(tmp_path / "b.json"), methods=["one_pass_flex"], device="cpu")
+
+
 def test_sweep_names_the_four_sizes_of_the_paper_shape():
     args = BenchArgs(sizes=["sweep"], out="b.json")
     assert args.sizes == ["p16", "p32", "p64", "p128"]

@@ -128,8 +128,9 @@ def base_attention(module: nn.Module) -> Callable:
 
 
 @contextlib.contextmanager
-def use_grouped_attention(*models: nn.Module | None) -> Iterator[None]:
-    """Run these models' attention layers as `grouped_attention` inside the block.
+def use_grouped_attention(*models: nn.Module | None, implementation: str = GROUPED) -> Iterator[None]:
+    """Run these models' attention layers as `grouped_attention` (or another registered `implementation` that
+    takes `dca_groups`, such as flex attention's) inside the block.
 
     transformers looks the implementation up in each model's config at every call. The switch is
     counted, so overlapping blocks from several threads restore the model only when the last one ends,
@@ -140,7 +141,7 @@ def use_grouped_attention(*models: nn.Module | None) -> Iterator[None]:
         for config in configs:
             if getattr(config, "_dca_grouped_users", 0) == 0:
                 config._dca_base_attention = config._attn_implementation
-                config._attn_implementation = GROUPED
+                config._attn_implementation = implementation
             config._dca_grouped_users = getattr(config, "_dca_grouped_users", 0) + 1
     try:
         yield

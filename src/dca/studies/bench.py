@@ -5,7 +5,10 @@ For each size, several ways to spend one optimiser step on the same batch:
 * ``one_pass``       -- `AugmentedLM.training_loss` (three passes for all P positions at once), with
   grouped attention (`dca.attention`: linear in P);
 * ``one_pass_dense`` -- the same with the dense reference mask over all T + P·G keys;
+* ``one_pass_flex``  -- the same through flex attention with a block mask (`dca.attention.flex`; CUDA only,
+  chosen with ``--methods``);
 * ``one_pass_ckpt``  -- grouped, with activation checkpointing of both group passes (`dca.recompute`);
+  ``one_pass_flex_ckpt`` likewise through flex attention;
 * ``sequential``     -- the per-position computation of `dca.reference` (augment, then continue),
   once for each of the B * P insertion points, gradients accumulated;
 * ``finetune``       -- plain full fine-tuning of the decoder on the same B x T tokens, for scale.
@@ -27,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,8 +43,10 @@ from dca.errors import ArgumentError
 from dca.model import AugmentedLM
 from dca.reference import sequential_group_losses
 
-METHODS = ("one_pass", "one_pass_dense", "one_pass_ckpt", "sequential", "finetune")
-ONE_PASS = {"one_pass": ("grouped", False), "one_pass_dense": ("dense", False), "one_pass_ckpt": ("grouped", True)}
+METHODS = ("one_pass", "one_pass_dense", "one_pass_ckpt", "sequential", "finetune")  # a size's default
+ONE_PASS = {"one_pass": ("grouped", False), "one_pass_dense": ("dense", False), "one_pass_ckpt": ("grouped", True),
+            "one_pass_flex": ("flex", False), "one_pass_flex_ckpt": ("flex", True)}
+ALL_METHODS = (*METHODS, "one_pass_flex", "one_pass_flex_ckpt")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ class BenchArgs:
                              metadata=help_meta(f"from {list(SIZES)}, or 'sweep' for {list(SWEEP)}"))
     repeats: int = field(default=3, metadata=help_meta("timed steps per method (after one warm-up)"))
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=help_meta("cpu or cuda"))
+    methods: list[str] = field(default_factory=list, metadata=help_meta(
+        f"run these at every size instead of each size's own (from {list(ALL_METHODS)}; the flex ones need CUDA)"))
+    batch: int = field(default=0, metadata=help_meta("batch size of every size (0: each size's own)"))
+    bf16: bool = field(default=False, metadata=help_meta("run each step under bf16 autocast, as `dca train` does on "
+                                                         "CUDA"))
     out: str = field(default="runs/bench.json", metadata=help_meta("where to write the JSON results (and the "
                                                                    "P-sweep plot beside it)"))
     memory: bool = field(default=True, metadata=help_meta("also measure peak memory (one child process per method)"))
@@ -119,6 +129,13 @@ class BenchArgs:
             raise ArgumentError("sizes", f"has unknown or no names {unknown}; choose from {list(SIZES)} or "
                                          f"{list(ALIASES)}")
         check_int("repeats", self.repeats)
+        check_int("batch", self.batch, minimum=0)
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown:
+            raise ArgumentError("methods", f"has unknown names {unknown}; choose from {list(ALL_METHODS)}")
+        flex = [m for m in self.methods if ONE_PASS.get(m, ("",))[0] == "flex"]
+        if flex and not self.device.startswith("cuda"):
+            raise ArgumentError("methods", f"{flex} need --device cuda: torch has no flex attention backward on CPU")
         check_device("device", self.device)
         for length in self.prompt_lengths:
             check_int("prompt_lengths", length)
@@ -141,7 +158,14 @@ def _setup(size: BenchSize, device: str, seed: int = 0):
     return model, finetuned, input_ids, positions
 
 
-def _step_fn(method: str, model: AugmentedLM, finetuned, input_ids: torch.Tensor, positions: torch.Tensor):
+def _sized(name: str, batch: int = 0, methods: tuple[str, ...] = ()) -> BenchSize:
+    """The size `name` with the command's batch and methods, where it gives them."""
+    size = SIZES[name]
+    return replace(size, batch=batch or size.batch, methods=tuple(methods) or size.methods)
+
+
+def _step_fn(method: str, model: AugmentedLM, finetuned, input_ids: torch.Tensor, positions: torch.Tensor,
+             bf16: bool = False):
     coprocessor_params = [p for p in model.parameters() if p.requires_grad]
 
     def one_pass():
@@ -164,7 +188,8 @@ def _step_fn(method: str, model: AugmentedLM, finetuned, input_ids: torch.Tensor
     def run():
         for p in params:
             p.grad = None
-        step()
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            step()
 
     return run
 
@@ -174,9 +199,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(size: BenchSize, device: str, repeats: int) -> dict[str, list[float]]:
+def time_methods(size: BenchSize, device: str, repeats: int, bf16: bool = False) -> dict[str, list[float]]:
     model, finetuned, input_ids, positions = _setup(size, device)
-    steps = {m: _step_fn(m, model, finetuned, input_ids, positions) for m in size.methods}
+    steps = {m: _step_fn(m, model, finetuned, input_ids, positions, bf16) for m in size.methods}
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {m: [] for m in size.methods}
@@ -197,10 +222,10 @@ def _rss_mb(field_name: str) -> float:
     return float("nan")
 
 
-def peak_memory_child(size_name: str, method: str, device: str) -> float:
+def peak_memory_child(size_name: str, method: str, device: str, batch: int = 0, bf16: bool = False) -> float:
     """Run in a fresh process: the peak memory one step of `method` adds, in MB."""
-    model, finetuned, input_ids, positions = _setup(SIZES[size_name], device)
-    step = _step_fn(method, model, finetuned, input_ids, positions)
+    model, finetuned, input_ids, positions = _setup(_sized(size_name, batch, (method,)), device)
+    step = _step_fn(method, model, finetuned, input_ids, positions, bf16)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -213,9 +238,9 @@ def peak_memory_child(size_name: str, method: str, device: str) -> float:
     return _rss_mb("VmHWM") - base
 
 
-def measure_memory(size_name: str, method: str, device: str) -> float:
+def measure_memory(size_name: str, method: str, device: str, batch: int = 0, bf16: bool = False) -> float:
     code = ("import sys, json; from dca.studies.bench import peak_memory_child; "
-            f"print(json.dumps(peak_memory_child({size_name!r}, {method!r}, {device!r})))")
+            f"print(json.dumps(peak_memory_child({size_name!r}, {method!r}, {device!r}, {batch!r}, {bf16!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
@@ -231,12 +256,13 @@ def run_bench(args: BenchArgs) -> dict:
     check_writable_file("out", args.out)
     rows = []
     for name in args.sizes:
-        size = SIZES[name]
+        size = _sized(name, args.batch, tuple(args.methods))
         print(f"[bench] size {name}: {asdict(size)}", file=sys.stderr, flush=True)
         # memory first, each method in a child process, while this one is still small (the paper row needs
         # about half of a 24 GB machine per process)
-        memory = {m: measure_memory(name, m, args.device) for m in size.methods} if args.memory else {}
-        times = time_methods(size, args.device, args.repeats)
+        memory = ({m: measure_memory(name, m, args.device, args.batch, args.bf16) for m in size.methods}
+                  if args.memory else {})
+        times = time_methods(size, args.device, args.repeats, args.bf16)
         medians = {m: statistics.median(times[m]) for m in size.methods}
         row = {"size": asdict(size), "median_s": medians, "times_s": times, "peak_mem_mb": memory,
                "floor_vs_finetune": size.floor}
@@ -249,6 +275,7 @@ def run_bench(args: BenchArgs) -> dict:
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "bf16": args.bf16,
         "rows": rows,
     }
     out = Path(args.out)
@@ -263,7 +290,8 @@ def run_bench(args: BenchArgs) -> dict:
 def format_table(result: dict) -> str:
     """One line per size and method; ratios are to fine-tuning (with the arithmetic floor) and to sequential."""
     header = ("| size | B x T | P | N | A | method | step s | peak MB | × finetune (floor) | speed-up vs sequential |")
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads", "", header,
+    autocast = ", bf16 autocast" if result.get("bf16") else ""
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads{autocast}", "", header,
              "|" + "---|" * 10]
     for row in result["rows"]:
         s = row["size"]
@@ -290,7 +318,10 @@ def plot_sweep(result: dict, path: Path) -> bool:
 
     fig, axes = plt.subplots(1, 2 if rows[0]["peak_mem_mb"] else 1, figsize=(9, 3.6), squeeze=False)
     ps = [r["size"]["positions"] for r in rows]
-    for method, label in (("one_pass", "grouped (dca.attention)"), ("one_pass_dense", "dense mask")):
+    for method, label in (("one_pass", "grouped (dca.attention)"), ("one_pass_flex", "flex attention"),
+                          ("one_pass_dense", "dense mask")):
+        if any(method not in r["median_s"] for r in rows):
+            continue
         axes[0][0].plot(ps, [r["median_s"][method] for r in rows], "o-", label=label)
         if rows[0]["peak_mem_mb"]:
             axes[0][1].plot(ps, [r["peak_mem_mb"][method] for r in rows], "o-", label=label)

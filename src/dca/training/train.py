@@ -104,8 +104,9 @@ class TrainArgs:
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
     bf16: bool | None = field(default=None, metadata=help_meta("bf16 autocast (default: where the device supports it)"))
     progress: bool = field(default=True, metadata=help_meta("show a progress bar"))
-    group_attention: str = field(default="grouped", metadata=help_meta(
-        "how the P groups attend: grouped (linear in P) or the dense reference mask", GROUP_ATTENTION))
+    group_attention: str = field(default="auto", metadata=help_meta(
+        "how the P groups attend: grouped (linear in P), flex (flex attention, CUDA), the dense reference mask, or "
+        "auto (flex on CUDA, else grouped)", GROUP_ATTENTION))
     activation_checkpointing: bool = field(default=False, metadata=help_meta(
         "keep only each layer's input in the group passes and recompute the rest in backward (less memory)"))
     max_bad_steps: int = field(default=5, metadata=help_meta("stop after this many consecutive steps whose loss or "
