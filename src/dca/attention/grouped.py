@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from dca.attention.kernel import grouped_attention_core
 from dca.masks import prefix_allowed, within_group_allowed
 
 GROUPED = "dca_grouped"
@@ -85,24 +86,10 @@ def grouped_attention(
     k_group = key[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
     v_group = value[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
 
-    scores_prefix = torch.einsum("bkrpgd,bktd->bkrpgt", q, k_prefix) * scale  # [B, Hkv, rep, P, G, T]
-    scores_group = torch.einsum("bkrpgd,bkphd->bkrpgh", q, k_group) * scale  # [B, Hkv, rep, P, G, G]
-    if softcap is not None:
-        scores_prefix = torch.tanh(scores_prefix / softcap) * softcap
-        scores_group = torch.tanh(scores_group / softcap) * softcap
     blocked_prefix, blocked_group = dca_groups.blocked(sliding_window)
-    low = torch.finfo(scores_prefix.dtype).min  # as the dense path's additive mask: never -inf
-    scores_prefix = scores_prefix.masked_fill(blocked_prefix, low).float()
-    scores_group = scores_group.masked_fill(blocked_group, low).float()
-    # the softmax over [prefix | own group], merged by hand (log-sum-exp): no concatenated copy, and backward
-    # keeps one exponentiated score matrix rather than a softmax output and its sliced copies
-    with torch.no_grad():  # any shift gives the same result: no gradient, and nothing kept for one
-        top = torch.maximum(scores_prefix.amax(-1, keepdim=True), scores_group.amax(-1, keepdim=True))
-    exp_prefix, exp_group = (scores_prefix - top).exp(), (scores_group - top).exp()
-    total = exp_prefix.sum(-1, keepdim=True) + exp_group.sum(-1, keepdim=True)
-    out = (torch.einsum("bkrpgt,bktd->bkrpgd", exp_prefix.to(query.dtype), v_prefix)
-           + torch.einsum("bkrpgh,bkphd->bkrpgd", exp_group.to(query.dtype), v_group))
-    out = (out.float() / total).to(query.dtype)
+    # one autograd Function that keeps no [P·G, T] score matrix for the backward pass (`dca.attention.kernel`)
+    out = grouped_attention_core(q, k_prefix, v_prefix, k_group, v_group, blocked_prefix, blocked_group, scale,
+                                 softcap)
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
