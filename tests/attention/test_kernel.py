@@ -49,9 +49,9 @@ def inputs(window=None, dtype=torch.float64, batch=2, kv_heads=2, rep=2, groups=
 
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("window", [None, 2])
-@pytest.mark.parametrize("chunk_bytes", [2**20, 1])  # one chunk, and one group per chunk
-def test_gradcheck(monkeypatch, softcap, window, chunk_bytes):
-    monkeypatch.setattr(kernel, "CHUNK_BYTES", chunk_bytes)
+@pytest.mark.parametrize("min_chunks", [1, 8])  # one chunk, and one group per chunk (each with its own keys)
+def test_gradcheck(monkeypatch, softcap, window, min_chunks):
+    monkeypatch.setattr(kernel, "MIN_CHUNKS", min_chunks)
     args = inputs(window)
 
     def function(*tensors):
@@ -63,7 +63,7 @@ def test_gradcheck(monkeypatch, softcap, window, chunk_bytes):
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_equals_the_plain_formula(monkeypatch, softcap, dtype):
-    monkeypatch.setattr(kernel, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 1)  # one group per chunk
     args = inputs(window=2, dtype=dtype)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     out = grouped_attention_core(*args, 0.7, softcap)
@@ -90,3 +90,16 @@ def test_bfloat16_inputs_stay_close_to_float32():
     for grad, grad_half in zip(grads, grads_half, strict=True):
         assert grad_half.dtype == torch.bfloat16
         torch.testing.assert_close(grad_half.float(), grad, rtol=5e-2, atol=5e-2)
+
+
+def test_chunks_skip_the_prefix_keys_no_query_sees(monkeypatch):
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 1)
+    *_, blocked_prefix, blocked_group = inputs()
+    q = torch.zeros(2, 2, 2, 3, 3, 4)
+    # group 0 of row 1 has a query blocked everywhere: all keys; group 1 sees up to t = 3 (row 1), group 2 all
+    assert kernel.chunks(q, blocked_prefix, blocked_group) == [(slice(0, 1), slice(0, 5), True),
+                                                                (slice(1, 2), slice(0, 4), False),
+                                                                (slice(2, 3), slice(0, 5), False)]
+    blocked_prefix[:, :, :, :, :, 0] = True  # nobody sees key 0 now: every chunk but the first skips it
+    assert [keys for _, keys, _ in kernel.chunks(q, blocked_prefix, blocked_group)] == [slice(0, 5), slice(1, 4),
+                                                                                      slice(1, 5)]

@@ -5,7 +5,9 @@ tokens, and a group sees a prefix of those tokens and, causally, itself (`dca.ma
 scores every query against all T + P·G keys, so its cost grows with P²; here each query is scored
 against the T prefix keys and the G keys of its own group only, and one softmax runs over the
 [T + G] scores -- the log-sum-exp merge of the prefix part and the block-diagonal part, written out --
-so both the values and the gradients equal the dense computation.
+so both the values and the gradients equal the dense computation. The arithmetic is one autograd
+Function (`dca.attention.kernel`) that keeps no score matrix for the backward pass and recomputes it
+there, so a layer keeps about what SDPA's fused dense kernel keeps.
 
 It runs as an attention implementation of transformers (registered by `dca.attention` under
 `GROUPED`): `AugmentedLM` switches a model to it only for its group passes and hands it the
