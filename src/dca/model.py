@@ -240,8 +240,9 @@ class AugmentedLM(nn.Module):
         if grouped:  # the layout goes to `grouped_attention` through transformers' kwargs; the mask is a token
             # 4D placeholder, so that transformers builds none (grouped_attention ignores it)
             placeholder = torch.zeros(attention_mask.shape[0], 1, 1, 1, device=attention_mask.device)
+            # (training_loss's cache comes from a pass without gradients: the prefix needs none)
             return placeholder, position_ids, {"dca_groups": GroupLayout(attention_mask, prefix_pos, positions,
-                                                                         group_size, causal)}
+                                                                         group_size, causal, prefix_grad=False)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype

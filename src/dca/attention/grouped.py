@@ -43,6 +43,9 @@ class GroupLayout:
     insert_at: torch.Tensor  # [B, P]: each group's t
     group_size: int  # G
     causal: bool = True  # within a group
+    # False where the cached prefix came from a pass without gradients (training_loss's): its keys and values then
+    # get none, which spares two of the backward pass's five matrix products over the prefix
+    prefix_grad: bool = True
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
     def blocked(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +88,8 @@ def grouped_attention(
     # query heads h = kv * rep + r share key/value head kv: no copies of the keys (grouped-query attention)
     q = query.view(batch, kv_heads, heads // kv_heads, groups, size, dim)
     k_prefix, v_prefix = key[:, :, :prefix_len], value[:, :, :prefix_len]  # [B, Hkv, T, D]
+    if not dca_groups.prefix_grad:
+        k_prefix, v_prefix = k_prefix.detach(), v_prefix.detach()
     k_group = key[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
     v_group = value[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
 
