@@ -2,9 +2,9 @@
 
 Autograd through the plain formula keeps, per layer, the exponentiated [P·G, T] scores of every head for
 the backward pass: more than the layer's other activations together once T is large (and more than
-SDPA's fused dense kernel, which keeps none). Here the forward pass keeps its inputs and each query's
-softmax statistics (the running maximum and the normaliser) only, and the backward pass recomputes the
-scores block by block, flash-attention style. Values and gradients are those of the plain formula:
+SDPA's fused dense kernel, which keeps none). Here the forward pass keeps its inputs, its output and
+each query's softmax statistics (the maximum and the normaliser) only, and the backward pass recomputes
+the scores block by block, flash-attention style. Values and gradients are those of the plain formula:
 the same scores, the same blocked entries (a constant, so no gradient through them), the same softcap.
 
 Both passes walk the groups in chunks (`chunks`): the transient matrices stay near `CHUNK_BYTES` whatever
