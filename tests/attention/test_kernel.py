@@ -52,6 +52,7 @@ def inputs(window=None, dtype=torch.float64, batch=2, kv_heads=2, rep=2, groups=
 @pytest.mark.parametrize("min_chunks", [1, 8])  # one chunk, and one group per chunk (each with its own keys)
 def test_gradcheck(monkeypatch, softcap, window, min_chunks):
     monkeypatch.setattr(kernel, "MIN_CHUNKS", min_chunks)
+    monkeypatch.setattr(kernel, "MIN_CHUNK_BYTES", 1)
     args = inputs(window)
 
     def function(*tensors):

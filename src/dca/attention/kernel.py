@@ -22,6 +22,7 @@ import torch
 
 CHUNK_BYTES = 64 * 2**20  # float32 score block of one chunk of groups, all heads
 MIN_CHUNKS = 8  # split P at least this much (where P allows), so that chunks can skip the keys they never see
+MIN_CHUNK_BYTES = 2**20  # but no smaller than this: below it a chunk's Python costs more than the keys it skips
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
@@ -35,8 +36,8 @@ def chunks(q: torch.Tensor, blocked_prefix: torch.Tensor, blocked_group: torch.T
     query of the chunk may attend."""
     batch, kv_heads, rep, groups, size, _ = q.shape
     prefix_len = blocked_prefix.shape[-1]
-    per_group = batch * kv_heads * rep * size * (prefix_len + size) * 4
-    step = max(1, min(CHUNK_BYTES // max(per_group, 1), -(-groups // MIN_CHUNKS)))
+    per_group = max(1, batch * kv_heads * rep * size * (prefix_len + size) * 4)
+    step = max(1, min(CHUNK_BYTES // per_group, max(-(-groups // MIN_CHUNKS), MIN_CHUNK_BYTES // per_group)))
     out = []
     for start in range(0, groups, step):
         part = slice(start, min(start + step, groups))
