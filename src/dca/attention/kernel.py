@@ -110,7 +110,7 @@ class GroupedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k_prefix, v_prefix, k_group, v_group, blocked_prefix, blocked_group, stats, out = ctx.saved_tensors
         scale, softcap, acc = ctx.scale, ctx.softcap, stats.dtype
         need = ctx.needs_input_grad
