@@ -245,9 +245,10 @@ class AugmentedLM(nn.Module):
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
             # a token 4D placeholder, so that transformers builds none (grouped and flex attention ignore it)
             placeholder = torch.zeros(attention_mask.shape[0], 1, 1, 1, device=attention_mask.device)
+            # (training_loss's cache comes from a pass without gradients: the prefix needs none)
             layout = FlexLayout if attention == "flex" else GroupLayout  # flex's also keeps its block masks
             return placeholder, position_ids, {"dca_groups": layout(attention_mask, prefix_pos, positions, group_size,
-                                                                    causal)}
+                                                                    causal, prefix_grad=False)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype

@@ -54,3 +54,13 @@ def test_sweep_names_the_four_sizes_of_the_paper_shape():
 def test_bench_rejects_unknown_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"sizes has unknown or no names \['huge'\]"):
         BenchArgs(sizes=["huge"], out=str(tmp_path / "b.json"))
+
+
+def test_peak_memory_gives_the_process_and_the_tensors(monkeypatch):
+    import dca.studies.bench as bench
+
+    tiny = bench.BenchSize("tiny", hidden=32, layers=1, seq_len=32, batch=1, positions=2, latents=2, ahead=2)
+    monkeypatch.setattr(bench, "SIZES", {**bench.SIZES, "tiny": tiny})
+    for method in ("one_pass_ckpt", "finetune"):
+        rss, tensors = bench.peak_memory_child("tiny", method, "cpu")
+        assert rss >= 0 and tensors > 0, method

@@ -5,7 +5,9 @@ tokens, and a group sees a prefix of those tokens and, causally, itself (`dca.ma
 scores every query against all T + P·G keys, so its cost grows with P²; here each query is scored
 against the T prefix keys and the G keys of its own group only, and one softmax runs over the
 [T + G] scores -- the log-sum-exp merge of the prefix part and the block-diagonal part, written out --
-so both the values and the gradients equal the dense computation.
+so both the values and the gradients equal the dense computation. The arithmetic is one autograd
+Function (`dca.attention.kernel`) that keeps no score matrix for the backward pass and recomputes it
+there, so a layer keeps about what SDPA's fused dense kernel keeps.
 
 It runs as an attention implementation of transformers (registered by `dca.attention` under
 `GROUPED`): `AugmentedLM` switches a model to it only for its group passes and hands it the
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from dca.attention.kernel import grouped_attention_core
 from dca.masks import prefix_allowed, within_group_allowed
 
 GROUPED = "dca_grouped"
@@ -40,6 +43,9 @@ class GroupLayout:
     insert_at: torch.Tensor  # [B, P]: each group's t
     group_size: int  # G
     causal: bool = True  # within a group
+    # False where the cached prefix came from a pass without gradients (training_loss's): its keys and values then
+    # get none, which spares two of the backward pass's five matrix products over the prefix
+    prefix_grad: bool = True
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
     def blocked(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,27 +88,15 @@ def grouped_attention(
     # query heads h = kv * rep + r share key/value head kv: no copies of the keys (grouped-query attention)
     q = query.view(batch, kv_heads, heads // kv_heads, groups, size, dim)
     k_prefix, v_prefix = key[:, :, :prefix_len], value[:, :, :prefix_len]  # [B, Hkv, T, D]
+    if not dca_groups.prefix_grad:
+        k_prefix, v_prefix = k_prefix.detach(), v_prefix.detach()
     k_group = key[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
     v_group = value[:, :, prefix_len:].view(batch, kv_heads, groups, size, dim)
 
-    scores_prefix = torch.einsum("bkrpgd,bktd->bkrpgt", q, k_prefix) * scale  # [B, Hkv, rep, P, G, T]
-    scores_group = torch.einsum("bkrpgd,bkphd->bkrpgh", q, k_group) * scale  # [B, Hkv, rep, P, G, G]
-    if softcap is not None:
-        scores_prefix = torch.tanh(scores_prefix / softcap) * softcap
-        scores_group = torch.tanh(scores_group / softcap) * softcap
     blocked_prefix, blocked_group = dca_groups.blocked(sliding_window)
-    low = torch.finfo(scores_prefix.dtype).min  # as the dense path's additive mask: never -inf
-    scores_prefix = scores_prefix.masked_fill(blocked_prefix, low).float()
-    scores_group = scores_group.masked_fill(blocked_group, low).float()
-    # the softmax over [prefix | own group], merged by hand (log-sum-exp): no concatenated copy, and backward
-    # keeps one exponentiated score matrix rather than a softmax output and its sliced copies
-    with torch.no_grad():  # any shift gives the same result: no gradient, and nothing kept for one
-        top = torch.maximum(scores_prefix.amax(-1, keepdim=True), scores_group.amax(-1, keepdim=True))
-    exp_prefix, exp_group = (scores_prefix - top).exp(), (scores_group - top).exp()
-    total = exp_prefix.sum(-1, keepdim=True) + exp_group.sum(-1, keepdim=True)
-    out = (torch.einsum("bkrpgt,bktd->bkrpgd", exp_prefix.to(query.dtype), v_prefix)
-           + torch.einsum("bkrpgh,bkphd->bkrpgd", exp_group.to(query.dtype), v_group))
-    out = (out.float() / total).to(query.dtype)
+    # one autograd Function that keeps no [P·G, T] score matrix for the backward pass (`dca.attention.kernel`)
+    out = grouped_attention_core(q, k_prefix, v_prefix, k_group, v_group, blocked_prefix, blocked_group, scale,
+                                 softcap)
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 

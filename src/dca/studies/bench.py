@@ -42,6 +42,7 @@ from dca.config import CoprocessorConfig, help_meta
 from dca.errors import ArgumentError
 from dca.model import AugmentedLM
 from dca.reference import sequential_group_losses
+from dca.studies.tensor_memory import TensorPeak
 
 METHODS = ("one_pass", "one_pass_dense", "one_pass_ckpt", "sequential", "finetune")  # a size's default
 ONE_PASS = {"one_pass": ("grouped", False), "one_pass_dense": ("dense", False), "one_pass_ckpt": ("grouped", True),
@@ -222,8 +223,11 @@ def _rss_mb(field_name: str) -> float:
     return float("nan")
 
 
-def peak_memory_child(size_name: str, method: str, device: str, batch: int = 0, bf16: bool = False) -> float:
-    """Run in a fresh process: the peak memory one step of `method` adds, in MB."""
+def peak_memory_child(size_name: str, method: str, device: str, batch: int = 0,
+                      bf16: bool = False) -> tuple[float, float]:
+    """Run in a fresh process: the peak memory one step of `method` adds, in MB, as (the process's: peak RSS
+    growth on CPU, peak allocation on CUDA; the tensors' alone: the peak of bytes they hold, on CPU a second step
+    under `TensorPeak`)."""
     model, finetuned, input_ids, positions = _setup(_sized(size_name, batch, (method,)), device)
     step = _step_fn(method, model, finetuned, input_ids, positions, bf16)
     if device.startswith("cuda"):
@@ -232,20 +236,28 @@ def peak_memory_child(size_name: str, method: str, device: str, batch: int = 0, 
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        allocated = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return allocated, allocated  # CUDA's caching allocator reports the tensors' peak itself
     base = _rss_mb("VmRSS")
     step()
-    return _rss_mb("VmHWM") - base
+    rss = _rss_mb("VmHWM") - base
+    existing = [*model.parameters(), *model.buffers(), *(finetuned.parameters() if finetuned is not None else ())]
+    with TensorPeak(existing) as peak:
+        step()  # which starts by dropping the first step's gradients
+    return rss, peak.peak_bytes / 2**20
 
 
-def measure_memory(size_name: str, method: str, device: str, batch: int = 0, bf16: bool = False) -> float:
+def measure_memory(size_name: str, method: str, device: str, batch: int = 0,
+                   bf16: bool = False) -> tuple[float, float]:
+    """`peak_memory_child` in a fresh process, so that earlier methods leave nothing behind."""
     code = ("import sys, json; from dca.studies.bench import peak_memory_child; "
             f"print(json.dumps(peak_memory_child({size_name!r}, {method!r}, {device!r}, {batch!r}, {bf16!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {method} at size {size_name} failed:\n{result.stderr[-2000:]}")
-    return float(result.stdout.strip().splitlines()[-1])
+    rss, tensors = json.loads(result.stdout.strip().splitlines()[-1])
+    return float(rss), float(tensors)
 
 
 def run_bench(args: BenchArgs) -> dict:
@@ -260,11 +272,13 @@ def run_bench(args: BenchArgs) -> dict:
         print(f"[bench] size {name}: {asdict(size)}", file=sys.stderr, flush=True)
         # memory first, each method in a child process, while this one is still small (the paper row needs
         # about half of a 24 GB machine per process)
-        memory = ({m: measure_memory(name, m, args.device, args.batch, args.bf16) for m in size.methods}
-                  if args.memory else {})
+        measured = ({m: measure_memory(name, m, args.device, args.batch, args.bf16) for m in size.methods}
+                    if args.memory else {})
+        memory = {m: rss for m, (rss, _) in measured.items()}
         times = time_methods(size, args.device, args.repeats, args.bf16)
         medians = {m: statistics.median(times[m]) for m in size.methods}
         row = {"size": asdict(size), "median_s": medians, "times_s": times, "peak_mem_mb": memory,
+               "tensor_peak_mb": {m: tensors for m, (_, tensors) in measured.items()},
                "floor_vs_finetune": size.floor}
         if "finetune" in medians:
             row["vs_finetune"] = {m: medians[m] / medians["finetune"] for m in medians if m in ONE_PASS}
@@ -289,20 +303,23 @@ def run_bench(args: BenchArgs) -> dict:
 
 def format_table(result: dict) -> str:
     """One line per size and method; ratios are to fine-tuning (with the arithmetic floor) and to sequential."""
-    header = ("| size | B x T | P | N | A | method | step s | peak MB | × finetune (floor) | speed-up vs sequential |")
+    header = ("| size | B x T | P | N | A | method | step s | peak MB | tensors MB | × finetune (floor) "
+              "| speed-up vs sequential |")
     autocast = ", bf16 autocast" if result.get("bf16") else ""
     lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads{autocast}", "", header,
-             "|" + "---|" * 10]
+             "|" + "---|" * 11]
     for row in result["rows"]:
         s = row["size"]
         for method, seconds in row["median_s"].items():
             memory = f"{row['peak_mem_mb'][method]:.0f}" if row["peak_mem_mb"] else "-"
+            tensors = row.get("tensor_peak_mb", {}).get(method)
+            tensors = f"{tensors:.0f}" if tensors is not None else "-"
             ratio = row.get("vs_finetune", {}).get(method)
             ratio = f"{ratio:.2f}x ({row['floor_vs_finetune']:.2f}x)" if ratio is not None else "-"
             speedup = row.get("speedup_vs_sequential", {}).get(method)
             lines.append(f"| {s['name']} (h{s['hidden']}, {s['layers']}L) | {s['batch']} x {s['seq_len']} "
                          f"| {s['positions']} | {s['latents']} | {s['ahead']} | {method} | {seconds:.3f} | {memory} "
-                         f"| {ratio} | {f'{speedup:.1f}x' if speedup else '-'} |")
+                         f"| {tensors} | {ratio} | {f'{speedup:.1f}x' if speedup else '-'} |")
     return "\n".join(lines)
 
 
@@ -324,7 +341,10 @@ def plot_sweep(result: dict, path: Path) -> bool:
             continue
         axes[0][0].plot(ps, [r["median_s"][method] for r in rows], "o-", label=label)
         if rows[0]["peak_mem_mb"]:
-            axes[0][1].plot(ps, [r["peak_mem_mb"][method] for r in rows], "o-", label=label)
+            line, = axes[0][1].plot(ps, [r["peak_mem_mb"][method] for r in rows], "o-", label=f"{label}, RSS")
+            if rows[0].get("tensor_peak_mb"):
+                axes[0][1].plot(ps, [r["tensor_peak_mb"][method] for r in rows], "s--", color=line.get_color(),
+                                label=f"{label}, tensors")
     s = rows[0]["size"]
     titles = ("one training step (s)", "peak memory (MB)")
     for ax, title in zip(axes[0], titles, strict=False):
