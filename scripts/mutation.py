@@ -42,7 +42,9 @@ SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
     ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And,
 }
-DEVICE_DTYPE = {"device", "dtype"}
+FLOAT32 = {"float32", "float"}  # `dtype=torch.float32`: no difference in float32; `dtype=torch.bool` is logic
+# dca.inputs' checks take a `what` that appears only in their errors: (function, its position)
+MESSAGE_ARGUMENTS = {"check_context": 1, "check_positions": 2}
 
 
 @dataclass
@@ -66,28 +68,35 @@ class _Mutator(ast.NodeTransformer):
 
     def __init__(self, target: int = -1):
         self.target, self.count, self.points = target, 0, []
-        self.context: list[str] = []  # "raise", "fstring", "to", "annotation", "docstring"
+        self.context: list[str] = []  # "message", "device_dtype"
 
     def _point(self, node: ast.AST, operator: str, make) -> ast.AST:
         index, self.count = self.count, self.count + 1
         if self.target == -1:
-            self.points.append((index, node, operator))
+            self.points.append((index, node, operator, self._category(node)))
             return node
         if index != self.target:
             return node
         return make()
 
-    def _category(self, node: ast.AST, keyword: str | None = None) -> str:
-        if keyword in DEVICE_DTYPE or "to" in self.context:
+    def _category(self, node: ast.AST) -> str:
+        """What the issue leaves out of the target: mutants that can only change message text, and device/dtype
+        arguments that make no difference on a CPU in float32. Everything else is "logic", equivalent or not."""
+        if "message" in self.context:
+            return "message"
+        if "device_dtype" in self.context:  # inside the arguments of `.to(...)`
             return "device_dtype"
-        if "raise" in self.context or "fstring" in self.context:
-            return "message"  # only the text (or type) of an error
+        if isinstance(node, ast.keyword) and node.arg == "device":
+            return "device_dtype"
+        if isinstance(node, ast.keyword) and node.arg == "dtype":  # unless it names another dtype than float32
+            named = ast.unparse(node.value)
+            return "logic" if named.startswith("torch.") and named[6:] not in FLOAT32 else "device_dtype"
         return "logic"
 
-    def visit_in(self, node: ast.AST, tag: str) -> ast.AST:
+    def _visit_as(self, node: ast.AST, tag: str) -> ast.AST:
         self.context.append(tag)
         try:
-            return self.generic_visit(node)
+            return self.visit(node)
         finally:
             self.context.pop()
 
@@ -118,33 +127,48 @@ class _Mutator(ast.NodeTransformer):
         node.value = self.visit(node.value)
         return node
 
-    def visit_Raise(self, node):
-        return self.visit_in(node, "raise")
-
-    def visit_JoinedStr(self, node):
-        return self.visit_in(node, "fstring")
+    def visit_Raise(self, node):  # an error's type and text
+        self.context.append("message")
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.context.pop()
 
     def visit_Expr(self, node):
         if isinstance(node.value, ast.Call):
-            original = node
-            mutated = self._point(node, "statement removed", lambda: ast.Pass())
-            if mutated is not original:
+            func = node.value.func
+            moves = isinstance(func, ast.Attribute) and func.attr == "to"  # `x.to(device=..., dtype=...)` alone
+            self.context.append("device_dtype" if moves else "")
+            try:
+                mutated = self._point(node, "statement removed", lambda: ast.Pass())
+            finally:
+                self.context.pop()
+            if mutated is not node:
                 return mutated
         return self.generic_visit(node)
 
     def visit_Call(self, node):
-        func = node.func
-        is_to = isinstance(func, ast.Attribute) and func.attr in ("to", "float", "cpu")
         kept = []
         for kw in node.keywords:
-            if kw.arg is None:
-                kept.append(kw)
-                continue
-            dropped = self._point(kw, f"keyword {kw.arg}= dropped", lambda: None)
-            if dropped is not None:
+            if kw.arg is None or self._point(kw, f"keyword {kw.arg}= dropped", lambda: None) is not None:
                 kept.append(kw)
         node.keywords = kept
-        return self.visit_in(node, "to") if is_to else self.generic_visit(node)
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name == "to":  # its receiver is logic, its arguments a device or dtype
+            node.func = self.visit(func)
+            node.args = [self._visit_as(arg, "device_dtype") for arg in node.args]
+            node.keywords = [self._visit_as(kw, "device_dtype") for kw in node.keywords]
+            return node
+        if name in MESSAGE_ARGUMENTS:
+            node.func = self.visit(func)
+            message = MESSAGE_ARGUMENTS[name]
+            node.args = [self._visit_as(arg, "message") if i == message else self.visit(arg)
+                         for i, arg in enumerate(node.args)]
+            node.keywords = [self._visit_as(kw, "message") if kw.arg == "what" else self.visit(kw)
+                             for kw in node.keywords]
+            return node
+        return self.generic_visit(node)
 
     # expressions ------------------------------------------------------------------------------
     def _swap(self, node, op_attr: str):
@@ -198,32 +222,11 @@ def enumerate_mutants(module: str) -> list[Mutant]:
     lister = _Mutator()
     lister.visit(ast.parse(source))
     mutants = []
-    for index, node, operator in lister.points:
-        before = ast.get_source_segment(source, node) or ast.unparse(node) if hasattr(node, "lineno") else ""
-        category = "logic"
-        if isinstance(node, ast.keyword):
-            category = lister._category(node, node.arg)
+    for index, node, operator, category in lister.points:
+        before = (ast.get_source_segment(source, node) or ast.unparse(node)) if hasattr(node, "lineno") else ""
         mutants.append(Mutant(f"{module}:{index}", module, index, getattr(node, "lineno", 0), operator,
-                              (before or "")[:120], "", category))
-    # categories that depend on context: recompute by visiting with a context-recording pass
-    _contexts(module, mutants)
+                              before[:120], "", category))
     return mutants
-
-
-def _contexts(module: str, mutants: list[Mutant]) -> None:
-    class Recorder(_Mutator):
-        def _point(self, node, operator, make):
-            index = self.count
-            super()._point(node, operator, make)
-            keyword = node.arg if isinstance(node, ast.keyword) else None
-            self.categories[index] = self._category(node, keyword)
-            return node
-
-    recorder = Recorder()
-    recorder.categories = {}
-    recorder.visit(ast.parse(_module_source(module)))
-    for mutant in mutants:
-        mutant.category = recorder.categories[mutant.index]
 
 
 def mutated_source(module: str, index: int) -> str:
