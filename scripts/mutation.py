@@ -293,10 +293,17 @@ def _outcome(code: int, log: Path, tests: list[str]) -> tuple[str, str]:
 
 
 def _run_tests(tree: Path, tests: list[str], log: Path) -> tuple[str, float, str]:
-    started = time.time()
-    _, status = os.waitpid(_start_tests(tree, tests, log), 0)
+    """(status, CPU seconds, first failing test) of the tests run to the end."""
+    _, status, usage = os.wait4(_start_tests(tree, tests, log), 0)
     state, failed = _outcome(os.waitstatus_to_exitcode(status), log, tests)
-    return state, time.time() - started, failed
+    return state, usage.ru_utime + usage.ru_stime, failed
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time a running child has used: timeouts count it, not the wall clock, which other work on a shared
+    machine stretches (a survivor stopped by a wall-clock limit would be counted as killed)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _write_file():
@@ -317,16 +324,25 @@ def run(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-
     commit = _snapshot(args.extra, args.commit)
     mutants = [m for module in MODULES for m in enumerate_mutants(module)]
     if args.only_survivors_of:
         previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
         def survived(m):
             return m["status"] == "survived" and m.get("status_after", "") in ("survived", "")
-        keep = {m["id"] for m in previous["mutants"] if survived(m)}
-        killed_before = previous["carried_over"] + [m for m in previous["mutants"] if not survived(m)]
-        mutants = [m for m in mutants if m.id in keep]
+        # a survivor is the mutant with its id here, or the one --map names (-: its code is gone from this commit)
+        by_id, moved = {m.id: m for m in mutants}, dict(pair.split("=") for pair in args.map)
+        chosen, removed = [], []
+        for old in (m for m in previous["mutants"] if survived(m)):
+            if moved.get(old["id"]) == "-":
+                removed.append({**old, "status": "removed"})
+                continue
+            here = by_id.get(moved.get(old["id"], old["id"]))
+            if here is None or (here.operator, here.before, here.line) != (old["operator"], old["before"], old["line"]):
+                raise SystemExit(f"survivor {old['id']} (line {old['line']}, {old['operator']}) moved: --map it")
+            chosen.append(here)
+        killed_before = previous["carried_over"] + [m for m in previous["mutants"] if not survived(m)] + removed
+        mutants = chosen
     else:
         killed_before = []
         if args.sample:  # in random order: a run stopped early is still a uniform sample
@@ -344,8 +360,8 @@ def run(args: argparse.Namespace) -> None:
     status, baseline, failed = _run_tests(trees[0], args.tests, logs / "baseline.log")
     if status != "survived":
         raise SystemExit(f"the unmutated code fails its tests ({failed}); see {logs / 'baseline.log'}")
-    print(f"baseline: {baseline:.0f} s; {len(mutants)} mutants, {args.jobs} at a time", flush=True)
-    timeout = max(3 * baseline, baseline + 60)
+    print(f"baseline: {baseline:.0f} CPU s; {len(mutants)} mutants, {args.jobs} at a time", flush=True)
+    timeout = max(3 * baseline, baseline + 60)  # CPU seconds
     result = {"command": "python scripts/mutation.py " + " ".join(sys.argv[1:]), "commit": commit,
               "tests": args.tests, "baseline_seconds": baseline, "timeout_seconds": timeout,
               "extra_files": args.extra, "sample_seed": args.seed, "carried_over": killed_before,
@@ -364,7 +380,7 @@ def run(args: argparse.Namespace) -> None:
         time.sleep(0.2)
         for pid, (mutant, stage, job, started, log) in list(running.items()):
             finished, status = os.waitpid(pid, os.WNOHANG)
-            if not finished and time.time() - started < timeout * (1 if stage == 1 else 2):
+            if not finished and _cpu_seconds(pid) < timeout * (1 if stage == 1 else 2):
                 continue
             if not finished:
                 os.kill(pid, signal.SIGKILL)
@@ -395,8 +411,8 @@ def run(args: argparse.Namespace) -> None:
 def summarise(result: dict) -> dict:
     """Scores by module: with --tests alone ("before") and with --then-tests too ("after"); "logic" leaves out
     the mutants that can only change message text or device/dtype arguments."""
-    rows = result["mutants"] + result["carried_over"]
-    summary = {}
+    rows = [m for m in result["mutants"] + result["carried_over"] if m["status"] != "removed"]
+    summary = {"removed_from_the_source": sum(m["status"] == "removed" for m in result["carried_over"])}
 
     def before(m):
         return m["status"] != "survived"
@@ -413,29 +429,6 @@ def summarise(result: dict) -> dict:
             entry[f"score_logic_{when}"] = round(100 * sum(map(killed, logic)) / max(len(logic), 1), 1)
         summary[scope] = entry
     return summary
-
-
-def report(label: str, notes: dict[str, str]) -> str:
-    """results/mutation/<label>.md: the scores and every survivor (with `notes` on why, by mutant id)."""
-    result = json.loads((OUT / f"{label}.json").read_text())
-    summary = summarise(result)
-    lines = [f"# Mutation testing: {label}", "", f"Reproduce: `{result['command']}` (commit {result['commit'][:10]}).",
-             "", "| module | mutants | killed by the old tests | + independent reference | logic mutants | "
-             "logic killed, old tests | logic killed, + reference |", "|---|---|---|---|---|---|---|"]
-    for scope, row in summary.items():
-        lines.append(f"| {scope} | {row['mutants']} | {row['score_before']}% | {row['score_after']}% | "
-                     f"{row['logic_mutants']} | {row['score_logic_before']}% | {row['score_logic_after']}% |")
-    lines += ["", "Survivors (of both selections):", "", "| mutant | line | mutation | code | category | why |",
-              "|---|---|---|---|---|---|"]
-    for m in sorted(result["mutants"], key=lambda m: (m["module"], m["line"])):
-        if m["status"] == "survived" and m.get("status_after") in ("survived", ""):
-            code = m["before"].replace("|", "\\|").replace("\n", " ")[:60]
-            lines.append(f"| {m['id']} | {m['line']} | {m['operator']} | `{code}` | {m['category']} | "
-                         f"{notes.get(m['id'], '')} |")
-    lines += ["", "Killed only by the independent reference:", ""]
-    lines += [f"- {m['id']} line {m['line']}: {m['operator']} `{m['before'][:60]}` ({m['killed_by']})"
-              for m in result["mutants"] if m["status"] == "survived" and m.get("status_after") == "killed"]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -456,14 +449,9 @@ def main() -> None:
     runner.add_argument("--commit", default="HEAD", help="the committed tree to mutate and test")
     runner.add_argument("--extra", nargs="*", default=[], help="working-tree files added to the committed tree")
     runner.add_argument("--only-survivors-of", default=None, help="rerun only the survivors of an earlier label")
-    reporter = sub.add_parser("report")
-    reporter.add_argument("--label", required=True)
-    reporter.add_argument("--notes", default=None, help="a JSON file: mutant id -> why it survives")
+    runner.add_argument("--map", nargs="*", default=[], help="OLD=NEW: a survivor's id at --commit, where edits moved "
+                        "it; OLD=- where the edit removed its code (it then counts nowhere)")
     args = parser.parse_args()
-    if args.command == "report":
-        notes = json.loads(Path(args.notes).read_text()) if args.notes else {}
-        _write_file()(OUT / f"{args.label}.md", report(args.label, notes))
-        return
     if args.command == "list":
         _snapshot([])
         for module in MODULES:
