@@ -86,7 +86,7 @@ class _Mutator(ast.NodeTransformer):
             return "message"
         if "device_dtype" in self.context:  # inside the arguments of `.to(...)`
             return "device_dtype"
-        if isinstance(node, ast.keyword) and node.arg == "device":
+        if isinstance(node, ast.keyword) and node.arg in ("device", "devices"):  # one device, or fork_rng's list
             return "device_dtype"
         if isinstance(node, ast.keyword) and node.arg == "dtype":  # unless it names another dtype than float32
             named = ast.unparse(node.value)

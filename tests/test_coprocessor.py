@@ -132,3 +132,20 @@ def test_the_pre_norm_capture_is_cleared_after_every_call():
     decoder(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
     copro(cache, None, torch.tensor([[4, 5]]))
     assert _PRE_NORM_CAPTURE.get() is None
+
+
+@pytest.mark.parametrize("method", ["coprocessor", "pause"])
+def test_only_pre_norm_latents_hook_the_final_norm(method):
+    """The capture hook sits on the body's final norm when latents are read before it, and nowhere else."""
+    from dca.config import LATENT_SOURCES
+    from dca.coprocessor import _final_norm
+
+    decoder = tiny_decoder("llama")
+    for source in LATENT_SOURCES:
+        copro = Coprocessor(decoder, CoprocessorConfig(method=method, num_latents=2, latent_source=source))
+        if method == "pause":  # no body, nothing to hook, whatever the source says: the soft tokens are the latents
+            assert copro.body is None
+            assert torch.equal(copro(None, None, torch.tensor([[4, 5]]))[0], copro.soft_tokens)
+        else:
+            assert bool(_final_norm(copro.body)._forward_pre_hooks) == (source == "pre_norm")
+    assert not decoder.base_model.norm._forward_pre_hooks  # the decoder's own norm is never hooked
