@@ -149,3 +149,15 @@ def test_only_pre_norm_latents_hook_the_final_norm(method):
         else:
             assert bool(_final_norm(copro.body)._forward_pre_hooks) == (source == "pre_norm")
     assert not decoder.base_model.norm._forward_pre_hooks  # the decoder's own norm is never hooked
+
+
+def test_vocab_mean_adds_the_init_seeds_normal_draw_to_the_mean_embedding():
+    """The noise is the seed's standard normal draw, scaled by one positive factor: a seed reproduces the start."""
+    decoder = tiny_decoder("llama")
+    config = CoprocessorConfig(num_latents=3, soft_token_init="vocab_mean", init_seed=5)
+    soft = Coprocessor(decoder, config).soft_tokens.detach()
+    table = decoder.get_input_embeddings()(torch.arange(97)).detach()
+    draw = torch.randn(*soft.shape, generator=torch.Generator().manual_seed(config.init_seed))
+    scale = (soft - table.mean(0)) / draw
+    torch.testing.assert_close(scale, scale.mean().expand_as(scale), rtol=1e-3, atol=0)
+    assert 0 < scale.mean() < table.std()  # tiny, and added
