@@ -330,16 +330,21 @@ def run(args: argparse.Namespace) -> None:
         previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
         def survived(m):
             return m["status"] == "survived" and m.get("status_after", "") in ("survived", "")
-        # a survivor is the mutant with its id here, or the one --map names (-: its code is gone from this commit)
+        # a survivor is the one mutant here of its module, line, operator and code, or the one --map names (-: gone)
         by_id, moved = {m.id: m for m in mutants}, dict(pair.split("=") for pair in args.map)
+
+        def key(m):
+            return m["module"], m["line"], m["operator"], m["before"]
         chosen, removed = [], []
         for old in (m for m in previous["mutants"] if survived(m)):
             if moved.get(old["id"]) == "-":
                 removed.append({**old, "status": "removed"})
                 continue
-            here = by_id.get(moved.get(old["id"], old["id"]))
-            if here is None or (here.operator, here.before, here.line) != (old["operator"], old["before"], old["line"]):
-                raise SystemExit(f"survivor {old['id']} (line {old['line']}, {old['operator']}) moved: --map it")
+            same = [m for m in mutants if (m.module, m.line, m.operator, m.before) == key(old)]
+            here = by_id.get(moved[old["id"]]) if old["id"] in moved else same[0] if len(same) == 1 else None
+            if here is None or key(asdict(here)) != key(old):
+                raise SystemExit(f"survivor {old['id']} (line {old['line']}, {old['operator']}) is not one mutant "
+                                 f"here: --map it")
             chosen.append(here)
         killed_before = previous["carried_over"] + [m for m in previous["mutants"] if not survived(m)] + removed
         mutants = chosen
@@ -449,8 +454,9 @@ def main() -> None:
     runner.add_argument("--commit", default="HEAD", help="the committed tree to mutate and test")
     runner.add_argument("--extra", nargs="*", default=[], help="working-tree files added to the committed tree")
     runner.add_argument("--only-survivors-of", default=None, help="rerun only the survivors of an earlier label")
-    runner.add_argument("--map", nargs="*", default=[], help="OLD=NEW: a survivor's id at --commit, where edits moved "
-                        "it; OLD=- where the edit removed its code (it then counts nowhere)")
+    runner.add_argument("--map", nargs="*", default=[], help="OLD=NEW: a survivor's id at --commit where its "
+                        "module, line, operator and code do not find it; OLD=- where an edit removed it (it then "
+                        "counts nowhere)")
     args = parser.parse_args()
     if args.command == "list":
         _snapshot([])
