@@ -5,7 +5,8 @@ a working tree that other people edit at the same time; this script never touche
 extracts the committed tree (`git archive HEAD`: src, tests, pyproject.toml, plus any `--extra` files from
 the working tree) into a scratch folder, writes one mutant at a time into that copy, and runs a test
 selection against it in a process forked from a parent that has already imported torch and transformers
-(so a mutant costs its tests, not the imports). A mutant is *killed* when a test fails (or times out).
+(so a mutant costs its tests, not the imports). A mutant is *killed* when a test fails, or when its tests use
+more CPU time than 3x the unmutated tests' (CPU time, not wall time: a shared machine's load must not kill one).
 
     OMP_NUM_THREADS=1 python scripts/mutation.py list
     OMP_NUM_THREADS=1 python scripts/mutation.py run --label before --sample 240 --tests tests/test_masks.py ...
@@ -13,8 +14,11 @@ selection against it in a process forked from a parent that has already imported
 
 Operators: arithmetic and comparison operators swapped, and/or swapped, `not`/unary minus removed, integer
 and float constants + 1, booleans flipped, strings changed, a keyword argument dropped, a call statement
-removed. Mutants that can only change message text (strings in `raise`, f-strings) or device/dtype arguments
-(a no-op on a CPU in float32) are counted apart (`category`). Results go to results/mutation/<label>.json.
+removed. The target (issue 11, item 5) leaves out exactly two kinds, counted apart by `category`: mutants that
+can only change message text (anything inside a `raise`; the `what` argument of dca.inputs' checks) and
+device/dtype arguments that make no difference on a CPU in float32 (`device=`/`devices=` dropped, `dtype=`
+dropped unless it names another dtype than float32, the arguments of `.to()`, a lone `x.to(...)` statement).
+Every other mutant is "logic", equivalent or not. Results go to results/mutation/<label>.json.
 """
 
 from __future__ import annotations
