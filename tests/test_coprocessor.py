@@ -161,3 +161,15 @@ def test_vocab_mean_adds_the_init_seeds_normal_draw_to_the_mean_embedding():
     scale = (soft - table.mean(0)) / draw
     torch.testing.assert_close(scale, scale.mean().expand_as(scale), rtol=1e-3, atol=0)
     assert 0 < scale.mean() < table.std()  # tiny, and added
+
+
+def test_a_config_switched_to_pre_norm_after_building_is_refused_not_read_after_the_norm():
+    from transformers import DynamicCache
+
+    decoder = tiny_decoder("llama")
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=2, latent_source="final_norm"))
+    copro.config.latent_source = "pre_norm"  # the hook is registered at construction: none here
+    cache = DynamicCache()
+    decoder(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache)
+    with pytest.raises(RuntimeError, match="the final norm did not run"):
+        copro(cache, None, torch.tensor([[4, 5]]))
