@@ -5,7 +5,8 @@ a working tree that other people edit at the same time; this script never touche
 extracts the committed tree (`git archive HEAD`: src, tests, pyproject.toml, plus any `--extra` files from
 the working tree) into a scratch folder, writes one mutant at a time into that copy, and runs a test
 selection against it in a process forked from a parent that has already imported torch and transformers
-(so a mutant costs its tests, not the imports). A mutant is *killed* when a test fails (or times out).
+(so a mutant costs its tests, not the imports). A mutant is *killed* when a test fails, or when its tests use
+more CPU time than 3x the unmutated tests' (CPU time, not wall time: a shared machine's load must not kill one).
 
     OMP_NUM_THREADS=1 python scripts/mutation.py list
     OMP_NUM_THREADS=1 python scripts/mutation.py run --label before --sample 240 --tests tests/test_masks.py ...
@@ -13,8 +14,11 @@ selection against it in a process forked from a parent that has already imported
 
 Operators: arithmetic and comparison operators swapped, and/or swapped, `not`/unary minus removed, integer
 and float constants + 1, booleans flipped, strings changed, a keyword argument dropped, a call statement
-removed. Mutants that can only change message text (strings in `raise`, f-strings) or device/dtype arguments
-(a no-op on a CPU in float32) are counted apart (`category`). Results go to results/mutation/<label>.json.
+removed. The target (issue 11, item 5) leaves out exactly two kinds, counted apart by `category`: mutants that
+can only change message text (anything inside a `raise`; the `what` argument of dca.inputs' checks) and
+device/dtype arguments that make no difference on a CPU in float32 (`device=`/`devices=` dropped, `dtype=`
+dropped unless it names another dtype than float32, the arguments of `.to()`, a lone `x.to(...)` statement).
+Every other mutant is "logic", equivalent or not. Results go to results/mutation/<label>.json.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
     ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And,
 }
-DEVICE_DTYPE = {"device", "dtype"}
+FLOAT32 = {"float32", "float"}  # `dtype=torch.float32`: no difference in float32; `dtype=torch.bool` is logic
+# dca.inputs' checks take a `what` that appears only in their errors: (function, its position)
+MESSAGE_ARGUMENTS = {"check_context": 1, "check_positions": 2}
 
 
 @dataclass
@@ -66,28 +72,35 @@ class _Mutator(ast.NodeTransformer):
 
     def __init__(self, target: int = -1):
         self.target, self.count, self.points = target, 0, []
-        self.context: list[str] = []  # "raise", "fstring", "to", "annotation", "docstring"
+        self.context: list[str] = []  # "message", "device_dtype"
 
     def _point(self, node: ast.AST, operator: str, make) -> ast.AST:
         index, self.count = self.count, self.count + 1
         if self.target == -1:
-            self.points.append((index, node, operator))
+            self.points.append((index, node, operator, self._category(node)))
             return node
         if index != self.target:
             return node
         return make()
 
-    def _category(self, node: ast.AST, keyword: str | None = None) -> str:
-        if keyword in DEVICE_DTYPE or "to" in self.context:
+    def _category(self, node: ast.AST) -> str:
+        """What the issue leaves out of the target: mutants that can only change message text, and device/dtype
+        arguments that make no difference on a CPU in float32. Everything else is "logic", equivalent or not."""
+        if "message" in self.context:
+            return "message"
+        if "device_dtype" in self.context:  # inside the arguments of `.to(...)`
             return "device_dtype"
-        if "raise" in self.context or "fstring" in self.context:
-            return "message"  # only the text (or type) of an error
+        if isinstance(node, ast.keyword) and node.arg in ("device", "devices"):  # one device, or fork_rng's list
+            return "device_dtype"
+        if isinstance(node, ast.keyword) and node.arg == "dtype":  # unless it names another dtype than float32
+            named = ast.unparse(node.value)
+            return "logic" if named.startswith("torch.") and named[6:] not in FLOAT32 else "device_dtype"
         return "logic"
 
-    def visit_in(self, node: ast.AST, tag: str) -> ast.AST:
+    def _visit_as(self, node: ast.AST, tag: str) -> ast.AST:
         self.context.append(tag)
         try:
-            return self.generic_visit(node)
+            return self.visit(node)
         finally:
             self.context.pop()
 
@@ -118,33 +131,48 @@ class _Mutator(ast.NodeTransformer):
         node.value = self.visit(node.value)
         return node
 
-    def visit_Raise(self, node):
-        return self.visit_in(node, "raise")
-
-    def visit_JoinedStr(self, node):
-        return self.visit_in(node, "fstring")
+    def visit_Raise(self, node):  # an error's type and text
+        self.context.append("message")
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.context.pop()
 
     def visit_Expr(self, node):
         if isinstance(node.value, ast.Call):
-            original = node
-            mutated = self._point(node, "statement removed", lambda: ast.Pass())
-            if mutated is not original:
+            func = node.value.func
+            moves = isinstance(func, ast.Attribute) and func.attr == "to"  # `x.to(device=..., dtype=...)` alone
+            self.context.append("device_dtype" if moves else "")
+            try:
+                mutated = self._point(node, "statement removed", lambda: ast.Pass())
+            finally:
+                self.context.pop()
+            if mutated is not node:
                 return mutated
         return self.generic_visit(node)
 
     def visit_Call(self, node):
-        func = node.func
-        is_to = isinstance(func, ast.Attribute) and func.attr in ("to", "float", "cpu")
         kept = []
         for kw in node.keywords:
-            if kw.arg is None:
-                kept.append(kw)
-                continue
-            dropped = self._point(kw, f"keyword {kw.arg}= dropped", lambda: None)
-            if dropped is not None:
+            if kw.arg is None or self._point(kw, f"keyword {kw.arg}= dropped", lambda: None) is not None:
                 kept.append(kw)
         node.keywords = kept
-        return self.visit_in(node, "to") if is_to else self.generic_visit(node)
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name == "to":  # its receiver is logic, its arguments a device or dtype
+            node.func = self.visit(func)
+            node.args = [self._visit_as(arg, "device_dtype") for arg in node.args]
+            node.keywords = [self._visit_as(kw, "device_dtype") for kw in node.keywords]
+            return node
+        if name in MESSAGE_ARGUMENTS:
+            node.func = self.visit(func)
+            message = MESSAGE_ARGUMENTS[name]
+            node.args = [self._visit_as(arg, "message") if i == message else self.visit(arg)
+                         for i, arg in enumerate(node.args)]
+            node.keywords = [self._visit_as(kw, "message") if kw.arg == "what" else self.visit(kw)
+                             for kw in node.keywords]
+            return node
+        return self.generic_visit(node)
 
     # expressions ------------------------------------------------------------------------------
     def _swap(self, node, op_attr: str):
@@ -198,32 +226,11 @@ def enumerate_mutants(module: str) -> list[Mutant]:
     lister = _Mutator()
     lister.visit(ast.parse(source))
     mutants = []
-    for index, node, operator in lister.points:
-        before = ast.get_source_segment(source, node) or ast.unparse(node) if hasattr(node, "lineno") else ""
-        category = "logic"
-        if isinstance(node, ast.keyword):
-            category = lister._category(node, node.arg)
+    for index, node, operator, category in lister.points:
+        before = (ast.get_source_segment(source, node) or ast.unparse(node)) if hasattr(node, "lineno") else ""
         mutants.append(Mutant(f"{module}:{index}", module, index, getattr(node, "lineno", 0), operator,
-                              (before or "")[:120], "", category))
-    # categories that depend on context: recompute by visiting with a context-recording pass
-    _contexts(module, mutants)
+                              before[:120], "", category))
     return mutants
-
-
-def _contexts(module: str, mutants: list[Mutant]) -> None:
-    class Recorder(_Mutator):
-        def _point(self, node, operator, make):
-            index = self.count
-            super()._point(node, operator, make)
-            keyword = node.arg if isinstance(node, ast.keyword) else None
-            self.categories[index] = self._category(node, keyword)
-            return node
-
-    recorder = Recorder()
-    recorder.categories = {}
-    recorder.visit(ast.parse(_module_source(module)))
-    for mutant in mutants:
-        mutant.category = recorder.categories[mutant.index]
 
 
 def mutated_source(module: str, index: int) -> str:
@@ -290,10 +297,17 @@ def _outcome(code: int, log: Path, tests: list[str]) -> tuple[str, str]:
 
 
 def _run_tests(tree: Path, tests: list[str], log: Path) -> tuple[str, float, str]:
-    started = time.time()
-    _, status = os.waitpid(_start_tests(tree, tests, log), 0)
+    """(status, CPU seconds, first failing test) of the tests run to the end."""
+    _, status, usage = os.wait4(_start_tests(tree, tests, log), 0)
     state, failed = _outcome(os.waitstatus_to_exitcode(status), log, tests)
-    return state, time.time() - started, failed
+    return state, usage.ru_utime + usage.ru_stime, failed
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time a running child has used: timeouts count it, not the wall clock, which other work on a shared
+    machine stretches (a survivor stopped by a wall-clock limit would be counted as killed)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _write_file():
@@ -314,16 +328,30 @@ def run(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-
     commit = _snapshot(args.extra, args.commit)
     mutants = [m for module in MODULES for m in enumerate_mutants(module)]
     if args.only_survivors_of:
         previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
         def survived(m):
             return m["status"] == "survived" and m.get("status_after", "") in ("survived", "")
-        keep = {m["id"] for m in previous["mutants"] if survived(m)}
-        killed_before = previous["carried_over"] + [m for m in previous["mutants"] if not survived(m)]
-        mutants = [m for m in mutants if m.id in keep]
+        # a survivor is the one mutant here of its module, line, operator and code, or the one --map names (-: gone)
+        by_id, moved = {m.id: m for m in mutants}, dict(pair.split("=") for pair in args.map)
+
+        def key(m):
+            return m["module"], m["line"], m["operator"], m["before"]
+        chosen, removed = [], []
+        for old in (m for m in previous["mutants"] if survived(m)):
+            if moved.get(old["id"]) == "-":
+                removed.append({**old, "status": "removed"})
+                continue
+            same = [m for m in mutants if (m.module, m.line, m.operator, m.before) == key(old)]
+            here = by_id.get(moved[old["id"]]) if old["id"] in moved else same[0] if len(same) == 1 else None
+            if here is None or key(asdict(here)) != key(old):
+                raise SystemExit(f"survivor {old['id']} (line {old['line']}, {old['operator']}) is not one mutant "
+                                 f"here: --map it")
+            chosen.append(here)
+        killed_before = previous["carried_over"] + [m for m in previous["mutants"] if not survived(m)] + removed
+        mutants = chosen
     else:
         killed_before = []
         if args.sample:  # in random order: a run stopped early is still a uniform sample
@@ -341,8 +369,8 @@ def run(args: argparse.Namespace) -> None:
     status, baseline, failed = _run_tests(trees[0], args.tests, logs / "baseline.log")
     if status != "survived":
         raise SystemExit(f"the unmutated code fails its tests ({failed}); see {logs / 'baseline.log'}")
-    print(f"baseline: {baseline:.0f} s; {len(mutants)} mutants, {args.jobs} at a time", flush=True)
-    timeout = max(3 * baseline, baseline + 60)
+    print(f"baseline: {baseline:.0f} CPU s; {len(mutants)} mutants, {args.jobs} at a time", flush=True)
+    timeout = max(3 * baseline, baseline + 60)  # CPU seconds
     result = {"command": "python scripts/mutation.py " + " ".join(sys.argv[1:]), "commit": commit,
               "tests": args.tests, "baseline_seconds": baseline, "timeout_seconds": timeout,
               "extra_files": args.extra, "sample_seed": args.seed, "carried_over": killed_before,
@@ -361,7 +389,7 @@ def run(args: argparse.Namespace) -> None:
         time.sleep(0.2)
         for pid, (mutant, stage, job, started, log) in list(running.items()):
             finished, status = os.waitpid(pid, os.WNOHANG)
-            if not finished and time.time() - started < timeout * (1 if stage == 1 else 2):
+            if not finished and _cpu_seconds(pid) < timeout * (1 if stage == 1 else 2):
                 continue
             if not finished:
                 os.kill(pid, signal.SIGKILL)
@@ -392,8 +420,8 @@ def run(args: argparse.Namespace) -> None:
 def summarise(result: dict) -> dict:
     """Scores by module: with --tests alone ("before") and with --then-tests too ("after"); "logic" leaves out
     the mutants that can only change message text or device/dtype arguments."""
-    rows = result["mutants"] + result["carried_over"]
-    summary = {}
+    rows = [m for m in result["mutants"] + result["carried_over"] if m["status"] != "removed"]
+    summary = {"removed_from_the_source": sum(m["status"] == "removed" for m in result["carried_over"])}
 
     def before(m):
         return m["status"] != "survived"
@@ -410,29 +438,6 @@ def summarise(result: dict) -> dict:
             entry[f"score_logic_{when}"] = round(100 * sum(map(killed, logic)) / max(len(logic), 1), 1)
         summary[scope] = entry
     return summary
-
-
-def report(label: str, notes: dict[str, str]) -> str:
-    """results/mutation/<label>.md: the scores and every survivor (with `notes` on why, by mutant id)."""
-    result = json.loads((OUT / f"{label}.json").read_text())
-    summary = summarise(result)
-    lines = [f"# Mutation testing: {label}", "", f"Reproduce: `{result['command']}` (commit {result['commit'][:10]}).",
-             "", "| module | mutants | killed by the old tests | + independent reference | logic mutants | "
-             "logic killed, old tests | logic killed, + reference |", "|---|---|---|---|---|---|---|"]
-    for scope, row in summary.items():
-        lines.append(f"| {scope} | {row['mutants']} | {row['score_before']}% | {row['score_after']}% | "
-                     f"{row['logic_mutants']} | {row['score_logic_before']}% | {row['score_logic_after']}% |")
-    lines += ["", "Survivors (of both selections):", "", "| mutant | line | mutation | code | category | why |",
-              "|---|---|---|---|---|---|"]
-    for m in sorted(result["mutants"], key=lambda m: (m["module"], m["line"])):
-        if m["status"] == "survived" and m.get("status_after") in ("survived", ""):
-            code = m["before"].replace("|", "\\|").replace("\n", " ")[:60]
-            lines.append(f"| {m['id']} | {m['line']} | {m['operator']} | `{code}` | {m['category']} | "
-                         f"{notes.get(m['id'], '')} |")
-    lines += ["", "Killed only by the independent reference:", ""]
-    lines += [f"- {m['id']} line {m['line']}: {m['operator']} `{m['before'][:60]}` ({m['killed_by']})"
-              for m in result["mutants"] if m["status"] == "survived" and m.get("status_after") == "killed"]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -453,14 +458,10 @@ def main() -> None:
     runner.add_argument("--commit", default="HEAD", help="the committed tree to mutate and test")
     runner.add_argument("--extra", nargs="*", default=[], help="working-tree files added to the committed tree")
     runner.add_argument("--only-survivors-of", default=None, help="rerun only the survivors of an earlier label")
-    reporter = sub.add_parser("report")
-    reporter.add_argument("--label", required=True)
-    reporter.add_argument("--notes", default=None, help="a JSON file: mutant id -> why it survives")
+    runner.add_argument("--map", nargs="*", default=[], help="OLD=NEW: a survivor's id at --commit where its "
+                        "module, line, operator and code do not find it; OLD=- where an edit removed it (it then "
+                        "counts nowhere)")
     args = parser.parse_args()
-    if args.command == "report":
-        notes = json.loads(Path(args.notes).read_text()) if args.notes else {}
-        _write_file()(OUT / f"{args.label}.md", report(args.label, notes))
-        return
     if args.command == "list":
         _snapshot([])
         for module in MODULES:

@@ -132,3 +132,44 @@ def test_the_pre_norm_capture_is_cleared_after_every_call():
     decoder(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
     copro(cache, None, torch.tensor([[4, 5]]))
     assert _PRE_NORM_CAPTURE.get() is None
+
+
+@pytest.mark.parametrize("method", ["coprocessor", "pause"])
+def test_only_pre_norm_latents_hook_the_final_norm(method):
+    """The capture hook sits on the body's final norm when latents are read before it, and nowhere else."""
+    from dca.config import LATENT_SOURCES
+    from dca.coprocessor import _final_norm
+
+    decoder = tiny_decoder("llama")
+    for source in LATENT_SOURCES:
+        copro = Coprocessor(decoder, CoprocessorConfig(method=method, num_latents=2, latent_source=source))
+        if method == "pause":  # no body, nothing to hook, whatever the source says: the soft tokens are the latents
+            assert copro.body is None
+            assert torch.equal(copro(None, None, torch.tensor([[4, 5]]))[0], copro.soft_tokens)
+        else:
+            assert bool(_final_norm(copro.body)._forward_pre_hooks) == (source == "pre_norm")
+    assert not decoder.base_model.norm._forward_pre_hooks  # the decoder's own norm is never hooked
+
+
+def test_vocab_mean_adds_the_init_seeds_normal_draw_to_the_mean_embedding():
+    """The noise is the seed's standard normal draw, scaled by one positive factor: a seed reproduces the start."""
+    decoder = tiny_decoder("llama")
+    config = CoprocessorConfig(num_latents=3, soft_token_init="vocab_mean", init_seed=5)
+    soft = Coprocessor(decoder, config).soft_tokens.detach()
+    table = decoder.get_input_embeddings()(torch.arange(97)).detach()
+    draw = torch.randn(*soft.shape, generator=torch.Generator().manual_seed(config.init_seed))
+    scale = (soft - table.mean(0)) / draw
+    torch.testing.assert_close(scale, scale.mean().expand_as(scale), rtol=1e-3, atol=0)
+    assert 0 < scale.mean() < table.std()  # tiny, and added
+
+
+def test_a_config_switched_to_pre_norm_after_building_is_refused_not_read_after_the_norm():
+    from transformers import DynamicCache
+
+    decoder = tiny_decoder("llama")
+    copro = Coprocessor(decoder, CoprocessorConfig(num_latents=2, latent_source="final_norm"))
+    copro.config.latent_source = "pre_norm"  # the hook is registered at construction: none here
+    cache = DynamicCache()
+    decoder(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache)
+    with pytest.raises(RuntimeError, match="the final norm did not run"):
+        copro(cache, None, torch.tensor([[4, 5]]))

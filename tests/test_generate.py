@@ -122,15 +122,16 @@ def augmented_log_prob(model, prompt, new_tokens):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_several_return_sequences_each_continue_their_own_prompt(config):
+@pytest.mark.parametrize("returns", [2, 3])
+def test_several_return_sequences_each_continue_their_own_prompt(config, returns):
     model = make_model("llama", **CONFIGS[config])
     input_ids, mask = left_padded([7, 4, 6], seed=2)
     greedy = model.generate(input_ids, mask, max_new_tokens=5, pad_token_id=0, eos_token_id=None)
     # top_k=1 sampling is greedy: every returned sequence must be its own prompt's greedy continuation
-    sampled = model.generate(input_ids, mask, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=3,
+    sampled = model.generate(input_ids, mask, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=returns,
                              pad_token_id=0, eos_token_id=None)
-    assert sampled.shape == (9, 12)
-    assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))
+    assert sampled.shape == (input_ids.shape[0] * returns, greedy.shape[1])
+    assert torch.equal(sampled, greedy.repeat_interleave(returns, dim=0))
 
 
 class Recorder(BaseStreamer):

@@ -397,3 +397,85 @@ def test_a_zero_gate_trains_the_gate_first_then_everything():
     lora_b = {n for n in trainable if "lora_B" in n}
     # once the gate is off zero, gradient reaches the soft tokens and the body (LoRA's A follows once B moves)
     assert lora_b and {"soft_tokens", "latent_gain"} | lora_b <= nonzero_grads()
+
+
+def lm_head_rows(model, run):
+    """The number of positions the decoder's LM head computes logits for, call by call, while `run()` runs."""
+    rows = []
+    hook = model.decoder.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return rows
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_the_lm_head_runs_only_where_logits_are_used(lora_rank):
+    """A pass over the prompt keeps no logits but the last; training scores only the ahead tokens; a LoRA
+    coprocessor reads the prompt in the decoder's prefill, which then needs no LM head at all."""
+    model = make_model(lora_rank=lora_rank)
+    prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    prefill = [] if model.coprocessor.reads_after_prompt else [1]
+    assert model.coprocessor.reads_after_prompt == (lora_rank is not None)
+    assert lm_head_rows(model, lambda: model.augment(prompt)) == prefill + [1]  # then the latents' last logits
+    assert lm_head_rows(model, lambda: model.augment_with_grad(prompt)) == [1, 1]
+    new = 3  # generate writes the latents as its first step: one LM head row per new token
+    generated = lm_head_rows(model, lambda: model.generate(prompt, max_new_tokens=new, do_sample=False))
+    assert generated == prefill + [1] * new
+    positions = torch.tensor([[1, 4], [2, 5]])
+    groups, ahead = positions.shape[1], model.config.num_ahead
+    assert lm_head_rows(model, lambda: model.training_loss(prompt, positions)) == [1, groups * ahead]
+    baseline = lm_head_rows(model, lambda: model.training_loss(prompt, positions, with_baseline=True))
+    assert baseline == [groups * ahead] * 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_decoder_whose_config_turns_the_cache_off_gives_the_same_results(family):
+    """The cache dca passes is filled whatever `config.use_cache` says (False after checkpointed training, say)."""
+    model = make_model(family, "eager", lora_rank=2, latent_positions="replay", latent_anchor="replay")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[3, 8], [5, 10]])
+
+    def results():
+        out, shared = model.augment_with_grad(input_ids), model.augment(input_ids)
+        return (model.training_loss(input_ids, positions).token_losses, out.logits, out.latents,
+                out.past_key_values.get_seq_length(), shared.logits, shared.past_key_values.get_seq_length())
+
+    with torch.no_grad():
+        expected = results()
+        model.decoder.config.use_cache = model.coprocessor.body.config.use_cache = False
+        got = results()
+    assert got[3] == got[5] == input_ids.shape[1] + model.config.num_latents
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_baseline_loss_is_the_mean_over_the_targets():
+    model = make_model("qwen2")
+    input_ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(7))
+    out = model.training_loss(input_ids, torch.tensor([[2, 11], [6, 12]]), with_baseline=True)
+    torch.testing.assert_close(out.baseline_loss, out.baseline_token_losses[out.target_mask].mean())
+    assert model.training_loss(input_ids, torch.tensor([[2, 11], [6, 12]])).baseline_loss is None
+    last = input_ids.shape[1] - 2  # one group at the last-but-one token: a single target
+    one = model.training_loss(input_ids[:1], torch.tensor([[last]]), with_baseline=True)
+    assert one.num_targets == 1
+    torch.testing.assert_close(one.baseline_loss, one.baseline_token_losses.sum())
+    torch.testing.assert_close(one.loss, one.token_losses.sum())
+
+
+def test_a_batch_whose_targets_are_all_padding_scores_zero_not_nan():
+    """Right padding can leave no target at all (the insertion point is the last real token): loss 0, no NaN."""
+    model = make_model("llama")
+    input_ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(input_ids)
+    mask[:, 6:] = 0
+    out = model.training_loss(input_ids, torch.tensor([[5]]), mask, with_baseline=True)
+    assert out.num_targets == 0
+    assert out.loss.item() == 0.0 and out.baseline_loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

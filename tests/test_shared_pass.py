@@ -106,3 +106,73 @@ def test_generate_equals_greedy_decoding_from_the_two_pass_cache(family):
             position = position + 1
     generated = model.generate(input_ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(generated[:, input_ids.shape[1]:], torch.cat(tokens, 1))
+
+
+def shared_pass(model, input_ids, mask):
+    """`Coprocessor.read_after_prompt` over a left-padded batch, as `augment` calls it: (latents, cache)."""
+    from transformers import DynamicCache
+
+    from dca.masks import prefix_position_ids
+
+    n = model.config.num_latents
+    last = torch.full((input_ids.shape[0], 1), input_ids.shape[1] - 1)
+    out = model.augment_with_grad(input_ids, mask)  # the straightforward computation's latent positions
+    positions = torch.cat([prefix_position_ids(mask), out.latent_position_ids], dim=1)
+    extended = torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
+    cache = DynamicCache()
+    latents = model.coprocessor.read_after_prompt(model.decoder.get_input_embeddings()(input_ids), extended,
+                                                  positions, cache, anchor=model._latent_anchor(input_ids, mask, last))
+    return latents, cache, out
+
+
+def test_the_lora_row_limit_is_cleared_after_every_shared_pass():
+    """After a shared pass the adapter applies to every row again: a later two-pass computation is unchanged."""
+    model = lora_model("llama")
+    input_ids, mask = padded_batch()
+    with torch.no_grad():
+        before = model.augment_with_grad(input_ids, mask)
+        model.augment(input_ids, mask)
+        assert _LORA_ROWS.get() is None
+        after = model.augment_with_grad(input_ids, mask)
+        positions = torch.tensor([[4, 6], [5, 7]])
+        losses = model.training_loss(input_ids, positions, mask).token_losses
+        model.augment(input_ids, mask)
+        torch.testing.assert_close(model.training_loss(input_ids, positions, mask).token_losses, losses, rtol=0, atol=0)
+    torch.testing.assert_close(after.latents, before.latents, rtol=0, atol=0)
+
+
+def test_the_soft_token_rows_call_no_adapter_module():
+    """Plain LoRA (no dropout, no bias) on the soft-token rows is two matmuls, not two module calls per layer."""
+    model = lora_model("qwen2")
+    adapters = [m for name, m in model.coprocessor.body.named_modules()
+                if name.endswith(("lora_A.default", "lora_B.default"))]
+    input_ids, mask = padded_batch()
+    calls = []
+    with torch.no_grad():
+        reference = model.augment_with_grad(input_ids, mask)
+        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in adapters]
+        try:
+            latents = model.augment(input_ids, mask).latents
+            shared = len(calls)
+            model.augment_with_grad(input_ids, mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert adapters and shared == 0 and calls  # the two-pass computation does call them: the hooks work
+    torch.testing.assert_close(latents, reference.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_the_shared_pass_under_autograd_equals_it_without():
+    """With autograd on, the soft-token rows are joined to the prompt's rather than written in place: same latents,
+    same cache, and the adapter gets gradients."""
+    model = lora_model("gemma3")
+    input_ids, mask = padded_batch()
+    with torch.no_grad():
+        expected, expected_cache, _ = shared_pass(model, input_ids, mask)
+    latents, cache, _ = shared_pass(model, input_ids, mask)
+    torch.testing.assert_close(latents, expected, rtol=1e-6, atol=1e-6)
+    for x, y in zip(cache.layers, expected_cache.layers, strict=True):
+        torch.testing.assert_close(x.keys, y.keys, rtol=1e-6, atol=1e-6)
+    latents.square().sum().backward()
+    grads = [p.grad for n, p in model.coprocessor.body.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

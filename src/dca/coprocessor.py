@@ -99,7 +99,7 @@ def build_body(decoder: PreTrainedModel, config: CoprocessorConfig) -> nn.Module
         param.requires_grad_(False)
     if config.uses_lora:
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
-                          target_modules=config.lora_target_modules, lora_dropout=0.0)
+                          target_modules=config.lora_target_modules)  # peft's default: no dropout
         body = inject_adapter_in_model(lora, body)
         trainable = [p for name, p in body.named_parameters() if "lora_" in name]
         for module in body.modules():
@@ -138,9 +138,9 @@ class Coprocessor(nn.Module):
         self.body = build_body(decoder, config) if config.method == "coprocessor" else None
         param = decoder.get_input_embeddings().weight
         self.soft_tokens = nn.Parameter(init_soft_tokens(decoder, config).to(param.device, param.dtype))
-        rms = embedding_sample(decoder).pow(2).mean(-1).sqrt().mean()
+        rms = embedding_sample(decoder).pow(2).mean(1).sqrt().mean()  # [rows, hidden] -> the mean row RMS
         self.register_buffer("embed_rms", rms.to(param.device, param.dtype), persistent=False)
-        gain_shape = {"learned": (param.shape[-1],), "gated": (1,)}.get(config.latent_scale) if self.body else None
+        gain_shape = {"learned": (param.shape[1],), "gated": (1,)}.get(config.latent_scale) if self.body else None
         if gain_shape is not None:
             start = 1.0 if config.latent_scale == "learned" else float(config.gate_init)
             self.latent_gain = nn.Parameter(torch.full(gain_shape, start, device=param.device, dtype=param.dtype))
@@ -170,7 +170,7 @@ class Coprocessor(nn.Module):
         token = _PRE_NORM_CAPTURE.set(captured if self.config.latent_source == "pre_norm" else None)
         try:
             out = self.body(inputs_embeds=soft, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, **attention_kwargs)
+                            past_key_values=cache, **attention_kwargs)
         finally:
             _PRE_NORM_CAPTURE.reset(token)
         if self.config.latent_source == "pre_norm" and not captured:
@@ -206,7 +206,7 @@ class Coprocessor(nn.Module):
         rows = _LORA_ROWS.set(n)
         try:
             out = self.body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True)
+                            past_key_values=cache)
         finally:
             _LORA_ROWS.reset(rows)
             _PRE_NORM_CAPTURE.reset(pre_norm)

@@ -181,7 +181,7 @@ class AugmentedLM(nn.Module):
         cache = DynamicCache()
         with torch.no_grad():
             prefix_out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
-                                      past_key_values=cache, use_cache=True,
+                                      past_key_values=cache,
                                       logits_to_keep=(target_index - 1).flatten(1) if with_baseline else 1)
         baseline = None
         if with_baseline:
@@ -213,7 +213,7 @@ class AugmentedLM(nn.Module):
             group_pos = group_pos.clamp(max=limit - 1)
         with self._group_pass(self.decoder, attention):
             out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=group_pos,
-                               past_key_values=prefix_view(cache), use_cache=True, logits_to_keep=keep, **group_kwargs)
+                               past_key_values=prefix_view(cache), logits_to_keep=keep, **group_kwargs)
         token_losses = _token_losses(out.logits.view(*targets.shape, -1), targets, target_mask)
         loss = token_losses.sum() / target_mask.sum().clamp(min=1)
         return TrainingLoss(loss, token_losses, target_mask, baseline)
@@ -243,9 +243,9 @@ class AugmentedLM(nn.Module):
         position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
                                           layout=self.coprocessor.config.latent_positions)
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
-            # a token 4D placeholder, so that transformers builds none (grouped and flex attention ignore it)
-            placeholder = torch.zeros(attention_mask.shape[0], 1, 1, 1, device=attention_mask.device)
-            # (training_loss's cache comes from a pass without gradients: the prefix needs none)
+            # a token 4D placeholder (any 4D tensor), so that transformers builds none (grouped and flex attention
+            # ignore it); training_loss's cache comes from a pass without gradients: the prefix needs none
+            placeholder = attention_mask[:, None, None]
             layout = FlexLayout if attention == "flex" else GroupLayout  # flex's also keeps its block masks
             return placeholder, position_ids, {"dca_groups": layout(attention_mask, prefix_pos, positions, group_size,
                                                                     causal, prefix_grad=False)}
@@ -291,7 +291,7 @@ class AugmentedLM(nn.Module):
         cache, latents, extended_mask, latent_pos, next_pos = self._prompt_and_latents(input_ids, attention_mask,
                                                                                       shared_pass=shared_pass)
         out = self.decoder(inputs_embeds=latents, attention_mask=extended_mask, position_ids=latent_pos,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                           past_key_values=cache, logits_to_keep=1)
         return AugmentOutput(cache, out.logits[:, -1], latents, extended_mask, next_pos, latent_pos)
 
     def _prompt_and_latents(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, shared_pass: bool):
@@ -319,7 +319,7 @@ class AugmentedLM(nn.Module):
                                                     anchor=self._latent_anchor(input_ids, attention_mask, last))
         else:
             self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, logits_to_keep=1)
             latents = self.prompt_latents(fork_cache(cache), input_ids, attention_mask)
         return cache, latents, extended_mask, latent_pos, next_pos
 
@@ -388,9 +388,7 @@ class AugmentedLM(nn.Module):
 
 
 def _checkpointing(module: nn.Module | None) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
-    flag = getattr(module, "is_activation_checkpointing", None)
-    return bool(flag if flag is not None else getattr(module, "is_gradient_checkpointing", False))
+    return bool(getattr(module, "is_activation_checkpointing", False))  # transformers 5's name; None: pause tokens
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
