@@ -75,20 +75,24 @@ def test_a_left_padded_batch_equals_each_row_alone(layout):
 
 def test_decoding_goes_on_while_the_coprocessor_runs_and_equals_its_delay():
     model = make_model("qwen2", latent_positions="replay")
-    seen, go = [], threading.Event()
+    seen, go, ready = [], threading.Event(), threading.Event()
 
     class Count(LogitsProcessor):  # called once per new token, in the decoding thread
         def __call__(self, input_ids, scores):
             seen.append(input_ids.shape[1])
             if len(seen) == 3:
                 go.set()
+            if len(seen) == 8:  # on a loaded machine the latents could miss all 12 tokens: wait for them here
+                assert ready.wait(30)
             return scores
 
     compute = model.prompt_latents
 
     def slow(*args, **kwargs):  # the latents become ready only once 3 tokens have been chosen without them
         assert go.wait(30)
-        return compute(*args, **kwargs)
+        latents = compute(*args, **kwargs)
+        ready.set()
+        return latents
 
     model.prompt_latents = slow
     prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
