@@ -40,13 +40,14 @@ class GroupLayout:
     insert_at: torch.Tensor  # [B, P]: each group's t
     group_size: int  # G
     causal: bool = True  # within a group
+    replaced: int = 0  # "overwrite": each group replaces the cache entries of the last this-many tokens up to t
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
     def blocked(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What may NOT be attended, shaped for the scores: (prefix [B, 1, 1, P, G, T], group [G, G])."""
         if sliding_window not in self._masks:
             to_prefix = prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
-                                       sliding_window)
+                                       sliding_window, self.replaced)
             to_group = within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
                                             device=self.insert_at.device)
             self._masks[sliding_window] = (~to_prefix[:, None, None], ~to_group)
