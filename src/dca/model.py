@@ -19,7 +19,6 @@ see x[0..t-N] (and the coprocessor's still x[0..t]), and `augment` crops the pro
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,39 +35,8 @@ from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
 from dca.inputs import check_batch, check_context, check_delays, check_overwritable, check_positions, position_limit
 from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
+from dca.outputs import AugmentOutput, TrainingLoss
 from dca.recompute import recomputed_layers
-
-
-@dataclass
-class AugmentOutput:
-    """The result of augmenting a prompt's cache once, at its end."""
-
-    past_key_values: DynamicCache  # the prompt (without its last N tokens under "overwrite") followed by the N latents
-    logits: torch.Tensor  # [B, vocab]: the decoder's next-token logits after the last latent
-    latents: torch.Tensor  # [B, N, hidden]: what was written into the cache
-    attention_mask: torch.Tensor  # [B, L + N] (L under "overwrite"): the cache's mask, latents included
-    next_position_ids: torch.Tensor  # [B, 1]: position id of the first token after the latents
-    latent_position_ids: torch.Tensor  # [B, N]: the latents' position ids
-
-
-@dataclass
-class TrainingLoss:
-    """The one-pass objective with its per-token parts, for logging and for checking."""
-
-    loss: torch.Tensor  # mean cross-entropy over every valid ahead token of every group
-    token_losses: torch.Tensor  # [B, P, A], zero where there is no target
-    target_mask: torch.Tensor  # [B, P, A] bool: x[t+k] exists (and is not padding)
-    baseline_token_losses: torch.Tensor | None = None  # [B, P, A]: same targets, no augmentation
-
-    @property
-    def num_targets(self) -> int:
-        return int(self.target_mask.sum())
-
-    @property
-    def baseline_loss(self) -> torch.Tensor | None:
-        if self.baseline_token_losses is None:
-            return None
-        return self.baseline_token_losses.sum() / self.target_mask.sum().clamp(min=1)
 
 
 class AugmentedLM(nn.Module):
@@ -310,11 +278,13 @@ class AugmentedLM(nn.Module):
         # the latents replace the last `replaced` entries, real tokens all (check_overwritable): the mask of the rest
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n - replaced)], dim=1)
         check_context(self.decoder.config, "augment: the prompt and its latents",
-                       int(latent_pos.max().clamp(min=prefix_pos.max())), int(attention_mask.sum(1).max()) + n - replaced)
+                       int(latent_pos.max().clamp(min=prefix_pos.max())),
+                       int(attention_mask.sum(1).max()) + n - replaced)
 
         cache = DynamicCache()
         if shared_pass and coprocessor.reads_after_prompt:
-            soft_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)  # soft tokens read x[0..t]
+            # the soft tokens read all of x[0..t], whatever the latents later replace
+            soft_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
             latents = coprocessor.read_after_prompt(self._embed(input_ids), soft_mask,
                                                     torch.cat([prefix_pos, latent_pos], dim=1), cache,
                                                     anchor=self._latent_anchor(input_ids, attention_mask, last))
