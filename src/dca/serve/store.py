@@ -181,8 +181,8 @@ class ContextStore:
         n, layers = meta["num_latents"], meta["num_layers"]
         expected = ({"latents", "logits", "latent_position_ids", "next_position_ids"}
                     | {f"{kind}.{i}" for kind in ("keys", "values") for i in range(layers)})
-        if set(tensors) != expected or any(tensors[f"keys.{i}"].shape[-2] != tokens.numel() + n
-                                           for i in range(layers)):
+        entries = tokens.numel() + n - model.coprocessor.config.replaced_entries  # "overwrite": fewer
+        if set(tensors) != expected or any(tensors[f"keys.{i}"].shape[-2] != entries for i in range(layers)):
             raise StoreError(f"{path / TENSORS_NAME} does not hold a stored context of {tokens.numel()} tokens and "
                              f"{n} latents")
         device, dtype = model.device, model.decoder.dtype
