@@ -114,6 +114,12 @@ class AugmentedLM(nn.Module):
                 itself, sits where a group inserted at s would (`dca.masks.group_position_ids` at s), its anchor
                 (`latent_anchor`) is that of s (the embeddings of x[s-N+1 .. s] for "replay") and it is scored on
                 x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
+
+        Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-N] and replaces x[s-N+1 .. s]
+        (its soft tokens still read x[0..t]); every s then needs N real tokens up to it.
+
+        Raises:
+            ValueError: a bad batch or bad positions, delays or num_ahead, naming which.
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
@@ -243,7 +249,12 @@ class AugmentedLM(nn.Module):
 
         Batches must be left-padded (as for `generate`); each row gives what it would alone. A LoRA coprocessor
         reads the prompt in the decoder's own prefill pass (`Coprocessor.read_after_prompt`): the same cache and
-        latents as `augment_with_grad`, one pass over the weights fewer.
+        latents as `augment_with_grad`, one pass over the weights fewer. Under ``latent_positions="overwrite"`` the
+        latents replace the cache entries of the prompt's last N tokens (the cache is cropped after the coprocessor
+        has read it): the returned cache holds L entries, not L + N.
+
+        Raises:
+            ValueError: a bad batch, right padding, or (under "overwrite") a row with fewer than N real tokens.
         """
         return self._augment(input_ids, attention_mask, shared_pass=True)
 
