@@ -32,7 +32,8 @@ Late latents (asynchronous augmentation, `training_loss(delays=...)`): latents c
 that arrive d tokens late are inserted after x[s], s = t + d, and every function here is then called
 with s as the group's insertion point: the group sees x[0..s] and itself, its latents take the
 positions the layout gives latents inserted after x[s] (``"after"``: pos(s)+1 .. pos(s)+N;
-``"shared"``: pos(s); ``"replay"``: the positions of x[s-N+1 .. s]) and the text resumes as after s.
+``"shared"``: pos(s); ``"replay"``: the positions of x[s-N+1 .. s]; ``"overwrite"``: those, in place of
+x[s-N+1 .. s], so the group sees x[0..s-N]) and the text resumes as after s.
 The coprocessor's output keeps the content of time t (its soft tokens sit at t), but the decoder sees
 the latents laid out exactly as synchronous ones, with the anchor of s (`latent_anchor="replay"`: the
 embeddings of x[s-N+1 .. s], which they replay at those positions), so the offsets between latents and
