@@ -90,14 +90,18 @@ class InitStudyArgs:
         check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
         if self.min_position is not None:
             check_int("min_position", self.min_position, minimum=0)
+            if self._overwrites() and self.min_position < self.num_latents - 1:
+                raise ArgumentError("min_position", f"must be >= N-1 = {self.num_latents - 1} when an 'overwrite' "
+                                    f"variant is measured, got {self.min_position}")
+
+    def _overwrites(self) -> bool:
+        return any(VARIANTS[name].get("latent_positions") == "overwrite" for name in self.variants or VARIANTS)
 
     def first_position(self) -> int:
         """The earliest augmentation point: `min_position`, or N-1 if a measured variant overwrites (else 0)."""
         if self.min_position is not None:
             return self.min_position
-        names = self.variants or list(VARIANTS)
-        overwrites = any(VARIANTS[name].get("latent_positions") == "overwrite" for name in names)
-        return self.num_latents - 1 if overwrites else 0
+        return self.num_latents - 1 if self._overwrites() else 0
 
 
 def run_init_study(args: InitStudyArgs) -> dict:
