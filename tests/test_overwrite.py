@@ -150,3 +150,18 @@ def test_the_layout_is_saved_and_sampled_points_leave_room():
     assert (config.replaced_entries, config.positions_taken, CoprocessorConfig().replaced_entries) == (5, 0, 0)
     args = TrainArgs(seq_len=20, positions=15, coprocessor=config)  # t in [4, 18]
     assert args.first_position() == 4 and TrainArgs().first_position() == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_untrained_generate_equals_the_frozen_decoder_with_beams_and_lengths(family):
+    # the embeddings generate gets are as long as the prompt: transformers must count lengths as for the decoder
+    model = overwrite_model(family, gate_init=0.0)
+    input_ids = torch.randint(6, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3], input_ids[1, :3] = 0, 0
+    for kwargs in ({"max_new_tokens": 5, "num_beams": 3, "num_return_sequences": 2}, {"max_length": 12},
+                   {"max_new_tokens": 4, "min_length": 12}):
+        kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None, **kwargs}
+        ours, theirs = model.generate(input_ids, mask, **kwargs), model.decoder.generate(input_ids, attention_mask=mask,
+                                                                                          **kwargs)
+        assert torch.equal(ours, theirs), kwargs
