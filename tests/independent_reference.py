@@ -14,6 +14,8 @@ its own `DynamicCache`) and torch, and writes out what `CoprocessorConfig`'s doc
   space (``latent_scale``) and added to the anchor (``latent_anchor``);
 * the decoder reads the N latents at their position ids after the prompt, then x[t+1 .. t+A-1] with the
   text's position ids; the logits after the last latent score x[t+1], those after x[t+k] score x[t+k+1].
+  Under ``latent_positions="overwrite"`` the decoder's own prompt pass is run on x[0..t-N] only (the latents
+  take the place of x[t-N+1 .. t]), and the coprocessor reads a cache of the whole prompt made apart.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ SLIDING = "sliding_attention"
 
 
 def latent_position_ids(layout: str, t: int, n: int) -> list[int]:
-    """`latent_positions`: "after" t+1 .. t+N, "shared" all at t, "replay" the positions of x[t-N+1 .. t]
-    (clamped at the first token)."""
+    """`latent_positions`: "after" t+1 .. t+N, "shared" all at t, "replay" and "overwrite" the positions of
+    x[t-N+1 .. t] (clamped at the first token)."""
     if layout == "after":
         return [t + 1 + i for i in range(n)]
     if layout == "shared":
@@ -130,6 +132,11 @@ def group_losses(model, row: torch.Tensor, t: int) -> torch.Tensor:
     cache = DynamicCache()  # the reference's own cache, full length
     decoder(input_ids=prompt, position_ids=torch.arange(t + 1)[None], past_key_values=cache, use_cache=True)
     latents = coprocessor_latents(model, prompt, cache)
+    if config.latent_positions == "overwrite":  # the decoder continues from x[0..t-N]; the latents take the rest
+        cache, kept = DynamicCache(), t + 1 - n
+        if kept:
+            decoder(input_ids=prompt[:, :kept], position_ids=torch.arange(kept)[None], past_key_values=cache,
+                    use_cache=True)
     # the decoder's own causal masks from here on: nothing but position ids is given
     latent_positions = torch.tensor([latent_position_ids(config.latent_positions, t, n)])
     out = decoder(inputs_embeds=latents, position_ids=latent_positions, past_key_values=cache, use_cache=True)

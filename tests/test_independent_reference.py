@@ -62,6 +62,20 @@ def test_every_layout_and_soft_token_attention(family, layout, attention):
     assert_matches_reference(model, input_ids, torch.tensor([[0, 7, 13], [1, 5, 11]]))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["causal", "full"])
+@pytest.mark.parametrize("extra", [{}, {"lora_rank": 2, "latent_source": "pre_norm"}])
+def test_the_overwrite_layout(family, attention, extra):
+    # the reference's decoder reads x[0..t-N] alone, then the latents: nothing of dca's masks or crop is shared
+    model = perturbed_model(family, latent_positions="overwrite", soft_token_attention=attention, **extra)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    mask = torch.ones_like(input_ids)
+    mask[1, 13:] = 0  # right padding
+    # t = N-1 (the decoder's groups see no original token), a window that runs off the end
+    assert_matches_reference(model, input_ids, torch.tensor([[2, 7, 13], [3, 5, 11]]), mask)
+
+
 @pytest.mark.parametrize("variant", [
     {"latent_source": "pre_norm"},
     {"latent_scale": "none", "latent_anchor": "none"},

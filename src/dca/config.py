@@ -11,7 +11,8 @@ with the trained adapter and can be measured rather than guessed:
 * ``latent_positions`` -- the position ids of the latents (and soft tokens), and where the text
   after them resumes: latents at t+1 .. t+N and text at t+N+1 (``"after"``, what the unchanged
   decoder does when it simply continues from an augmented cache), or latents that consume no
-  position (``"shared"``, ``"replay"``) and text at t+1.
+  position (``"shared"``, ``"replay"``) and text at t+1; or latents that replace the cache entries of
+  x[t-N+1 .. t] at those tokens' positions (``"overwrite"``: no duplicates, and text at t+1).
 
 Two presets: `CoprocessorConfig.paper()` is the paper's literal method (latents are the coprocessor's
 final states after its final norm, written as they are at t+1 .. t+N, weights from the decoder);
@@ -36,7 +37,7 @@ LATENT_SOURCES = ("final_norm", "pre_norm")
 LATENT_SCALES = ("none", "embed_rms", "learned", "gated")
 SOFT_TOKEN_INITS = ("vocab_sample", "vocab_mean", "normal")
 LATENT_ANCHORS = ("none", "last_token", "replay")
-LATENT_POSITIONS = ("after", "shared", "replay")  # dca.masks lays each out
+LATENT_POSITIONS = ("after", "shared", "replay", "overwrite")  # dca.masks lays each out
 # The paper's literal method, field by field: dca's defaults differ in latent_scale, latent_anchor, latent_positions
 PAPER_FIELDS: dict[str, Any] = {"latent_source": "final_norm", "latent_scale": "none", "latent_anchor": "none",
                                 "latent_positions": "after", "init": "decoder"}
@@ -100,6 +101,13 @@ class CoprocessorConfig:
             its step-0 harm is measured, not nil, in README, "Start without doing harm") and
             ``"after"`` otherwise -- pause tokens sit between prompt and answer, as in the paper.
             Configs saved before this field existed load as ``"after"``, what they were trained with.
+            ``"overwrite"`` (never the default): latent i at the position of x[t-N+1+i], as "replay", but its
+            cache entry *replaces* that token's: the decoder sees x[0..t-N] and the N latents, never the
+            originals of x[t-N+1 .. t], and the text resumes at pos(t)+1 (the coprocessor still reads all of
+            x[0..t]). With the replay anchor and ``gate_init=0`` the latents are the embeddings of those tokens
+            at their own positions and cache slots, so an untrained coprocessor is an exact no-op on any model
+            and for any N, and no token is read twice. Needs at least N real tokens up to every insertion point
+            (t >= N-1); pause tokens are refused (they would erase the last N tokens and carry nothing of them).
     """
 
     method: str = field(default="coprocessor", metadata=help_meta("coprocessor, or the pause-token baseline", METHODS))
@@ -139,6 +147,9 @@ class CoprocessorConfig:
         if self.lora_alpha is not None:
             check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
         check_int("init_seed", self.init_seed, minimum=0)
+        if self.method == "pause" and self.latent_positions == "overwrite":
+            raise ArgumentError("latent_positions", "cannot be 'overwrite' for pause tokens: they would replace the "
+                                "last N prompt tokens and carry nothing of them")
 
     @classmethod
     def paper(cls, **overrides: Any) -> CoprocessorConfig:
@@ -167,6 +178,11 @@ class CoprocessorConfig:
     def positions_taken(self) -> int:
         """Position ids the latents consume: the text after them resumes this much later."""
         return self.num_latents if self.latent_positions == "after" else 0
+
+    @property
+    def replaced_entries(self) -> int:
+        """Prompt cache entries the latents replace (the last N under "overwrite"): the cache grows by N minus this."""
+        return self.num_latents if self.latent_positions == "overwrite" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

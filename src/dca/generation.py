@@ -44,8 +44,10 @@ def check_own_arguments(kwargs: dict[str, Any]) -> None:
 
 
 def generate_arguments(decoder: PreTrainedModel, generation_config: GenerationConfig | None,
-                       kwargs: dict[str, Any], embeds_length: int) -> GenerateArguments:
-    """The arguments for `decoder.generate(input_ids=prompt, inputs_embeds=<embeds_length long>, ...)`."""
+                       kwargs: dict[str, Any], embeds_length: int,
+                       prompt_length: int | None = None) -> GenerateArguments:
+    """The arguments for `decoder.generate(input_ids=prompt, inputs_embeds=<embeds_length long>, ...)`; with
+    embeddings as long as the prompt (latents that replace its last entries) transformers counts lengths as usual."""
     # transformers' own merge of the argument, the keyword arguments and the decoder's generation_config
     resolved, _ = decoder._prepare_generation_config(generation_config, **kwargs)
     mode = resolved.get_generation_mode(kwargs.get("assistant_model"))
@@ -62,10 +64,11 @@ def generate_arguments(decoder: PreTrainedModel, generation_config: GenerationCo
                           and (generation_config is None or generation_config.max_length is None)
                           and decoder.generation_config.max_length is None)
     overrides = {}
-    if resolved.max_new_tokens is None and not default_max_length:
-        overrides["max_length"] = resolved.max_length + embeds_length
-    if resolved.min_new_tokens is None and resolved.min_length:
-        overrides["min_length"] = resolved.min_length + embeds_length
+    if embeds_length != prompt_length:  # transformers corrects lengths only when the two differ
+        if resolved.max_new_tokens is None and not default_max_length:
+            overrides["max_length"] = resolved.max_length + embeds_length
+        if resolved.min_new_tokens is None and resolved.min_length:
+            overrides["min_length"] = resolved.min_length + embeds_length
     kwargs = dict(kwargs)
     if generation_config is not None:
         generation_config = copy.deepcopy(generation_config)

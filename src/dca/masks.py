@@ -18,15 +18,22 @@ Positions follow the inference convention of `CoprocessorConfig.latent_positions
   replays under ``latent_anchor="replay"`` (clamped to the first real token), and the text resumes
   at t+1.
 
+* ``"overwrite"``: latents at the positions of x[t-N+1 .. t], as "replay", but in the decoder's pass they
+  *replace* those tokens' cache entries: the group sees original tokens j <= t-N only (`replaced` = N),
+  its member k sits in cache slot pos(t) + 1 + k - N, and the text resumes at t+1. The coprocessor's soft
+  tokens still see all of x[0..t] (they are appended to the prompt's cache: `replaced` = 0).
+
 Under "shared" and "replay" the latents take cache slots but no positions. Sliding windows are laid
 over cache slots, not position ids, because that is what the decoder's own masks do at inference
-(its window counts cache entries): a group member is always ``1 + k`` slots after token t.
+(its window counts cache entries): a group member is always ``1 + k`` slots after token t (``1 + k - N``
+under "overwrite").
 
 Late latents (asynchronous augmentation, `training_loss(delays=...)`): latents computed from x[0..t]
 that arrive d tokens late are inserted after x[s], s = t + d, and every function here is then called
 with s as the group's insertion point: the group sees x[0..s] and itself, its latents take the
 positions the layout gives latents inserted after x[s] (``"after"``: pos(s)+1 .. pos(s)+N;
-``"shared"``: pos(s); ``"replay"``: the positions of x[s-N+1 .. s]) and the text resumes as after s.
+``"shared"``: pos(s); ``"replay"``: the positions of x[s-N+1 .. s]; ``"overwrite"``: those, in place of
+x[s-N+1 .. s], so the group sees x[0..s-N]) and the text resumes as after s.
 The coprocessor's output keeps the content of time t (its soft tokens sit at t), but the decoder sees
 the latents laid out exactly as synchronous ones, with the anchor of s (`latent_anchor="replay"`: the
 embeddings of x[s-N+1 .. s], which they replay at those positions), so the offsets between latents and
@@ -60,7 +67,7 @@ def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, 
     With ``layout="after"`` member k of the group after token t sits at pos(t) + 1 + k (whatever it
     is); this is also every member's cache slot relative to t. With ``"shared"`` or ``"replay"`` the
     latents sit at pos(t), or at the positions of x[t-N+1 .. t], and the members after them at
-    pos(t) + 1, pos(t) + 2, ...
+    pos(t) + 1, pos(t) + 2, ... ("overwrite" places them as "replay" does; its cache slots are `prefix_allowed`'s).
     """
     if layout not in LATENT_POSITIONS:
         raise ValueError(f"latent positions must be one of {LATENT_POSITIONS}, got {layout!r}")
@@ -74,7 +81,7 @@ def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, 
     text = start + 1 + (offsets[num_latents:] - num_latents)  # [B, P, group_size - N]
     if layout == "shared":
         latents = start.expand(-1, -1, num_latents)
-    else:  # replay: the positions of x[t-N+1 .. t]; left padding has position 0, like the first real token
+    else:  # replay, overwrite: the positions of x[t-N+1 .. t]; left padding has position 0, like the first real token
         index = (insert_at[:, :, None] + torch.arange(1 - num_latents, 1, device=device)).clamp(min=0)
         latents = prefix_positions.gather(1, index.flatten(1)).view_as(index)
     return torch.cat([latents, text], dim=2).flatten(1)
@@ -86,17 +93,20 @@ def prefix_allowed(
     insert_at: torch.Tensor,
     group_size: int,
     sliding_window: int | None = None,
+    replaced: int = 0,
 ) -> torch.Tensor:
     """Boolean [B, P, group_size, T]: may member k of the group after t attend to original token j?
 
-    Yes when j <= t, j is not padding, and (with a window) j lies within the window of the member's
-    cache slot, pos(t) + 1 + k (see the module docstring).
+    Yes when j <= t - replaced, j is not padding, and (with a window) j lies within the window of the
+    member's cache slot, pos(t) + 1 + k - replaced (see the module docstring). `replaced` > 0: the
+    group's first members replace the cache entries of x[t-replaced+1 .. t] ("overwrite").
     """
     key_index = torch.arange(prefix_valid.shape[1], device=insert_at.device)
-    allowed = (key_index <= insert_at[:, :, None]) & prefix_valid[:, None, :].bool()  # [B, P, T]
+    allowed = (key_index <= insert_at[:, :, None] - replaced) & prefix_valid[:, None, :].bool()  # [B, P, T]
     allowed = allowed[:, :, None, :].expand(-1, -1, group_size, -1)
     if sliding_window is not None:
         slots = group_position_ids(prefix_positions, insert_at, group_size).view(*insert_at.shape, group_size)
+        slots = slots - replaced
         allowed = allowed & (slots[..., None] - prefix_positions[:, None, None, :] < sliding_window)
     return allowed
 
@@ -121,6 +131,7 @@ def group_attention_allowed(
     *,
     causal_within_group: bool = True,
     sliding_window: int | None = None,
+    replaced: int = 0,
 ) -> torch.Tensor:
     """Boolean [B, Q, T + Q] where Q = P * group_size: may query q attend to key k?
 
@@ -129,7 +140,8 @@ def group_attention_allowed(
     rule; `dca.attention` uses the two parts without ever building this.
     """
     batch, num_groups = insert_at.shape
-    to_prefix = prefix_allowed(prefix_valid, prefix_positions, insert_at, group_size, sliding_window).flatten(1, 2)
+    to_prefix = prefix_allowed(prefix_valid, prefix_positions, insert_at, group_size, sliding_window,
+                               replaced).flatten(1, 2)
     block = within_group_allowed(group_size, causal=causal_within_group, sliding_window=sliding_window,
                                  device=insert_at.device)
     to_group = torch.block_diag(*[block] * num_groups)[None].expand(batch, -1, -1)
@@ -169,13 +181,16 @@ def group_attention_mask(
     dtype: torch.dtype,
     *,
     causal_within_group: bool = True,
+    replaced: int = 0,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The mask argument a transformers model takes for P groups laid after a cached prefix."""
+    """The mask argument a transformers model takes for P groups laid after a cached prefix (whose last
+    `replaced` tokens before each group's t the group replaces, `prefix_allowed`)."""
     kinds = attention_kinds(config)
     masks = {
         kind: to_additive(
             group_attention_allowed(prefix_valid, prefix_positions, insert_at, group_size,
-                                    causal_within_group=causal_within_group, sliding_window=window),
+                                    causal_within_group=causal_within_group, sliding_window=window,
+                                    replaced=replaced),
             dtype,
         )
         for kind, window in kinds.items()

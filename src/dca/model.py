@@ -11,13 +11,14 @@ The three passes of training (`training_loss`), each over the whole batch at onc
 Masks (`dca.masks`) make every group see only x[0..t] and itself, so each group computes exactly
 what `augment` followed by ordinary decoding would compute if the prompt ended at t. Position ids
 follow `CoprocessorConfig.latent_positions`; text after an augmented cache continues at
-`AugmentOutput.next_position_ids`, which is not the cache length unless latents sit "after" t.
+`AugmentOutput.next_position_ids`, which is not the cache length unless latents sit "after" t. Under
+``"overwrite"`` the latents replace the cache entries of the prompt's last N tokens: the decoder's groups
+see x[0..t-N] (and the coprocessor's still x[0..t]), and `augment` crops the prompt's cache before writing.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,41 +33,10 @@ from dca.cache import fork_cache, prefix_view
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
-from dca.inputs import check_batch, check_context, check_delays, check_positions, position_limit
+from dca.inputs import check_batch, check_context, check_delays, check_overwritable, check_positions, position_limit
 from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
+from dca.outputs import AugmentOutput, TrainingLoss
 from dca.recompute import recomputed_layers
-
-
-@dataclass
-class AugmentOutput:
-    """The result of augmenting a prompt's cache once, at its end."""
-
-    past_key_values: DynamicCache  # the prompt followed by the N latents
-    logits: torch.Tensor  # [B, vocab]: the decoder's next-token logits after the last latent
-    latents: torch.Tensor  # [B, N, hidden]: what was written into the cache
-    attention_mask: torch.Tensor  # [B, L + N]: the prompt's mask extended over the latents
-    next_position_ids: torch.Tensor  # [B, 1]: position id of the first token after the latents
-    latent_position_ids: torch.Tensor  # [B, N]: the latents' position ids
-
-
-@dataclass
-class TrainingLoss:
-    """The one-pass objective with its per-token parts, for logging and for checking."""
-
-    loss: torch.Tensor  # mean cross-entropy over every valid ahead token of every group
-    token_losses: torch.Tensor  # [B, P, A], zero where there is no target
-    target_mask: torch.Tensor  # [B, P, A] bool: x[t+k] exists (and is not padding)
-    baseline_token_losses: torch.Tensor | None = None  # [B, P, A]: same targets, no augmentation
-
-    @property
-    def num_targets(self) -> int:
-        return int(self.target_mask.sum())
-
-    @property
-    def baseline_loss(self) -> torch.Tensor | None:
-        if self.baseline_token_losses is None:
-            return None
-        return self.baseline_token_losses.sum() / self.target_mask.sum().clamp(min=1)
 
 
 class AugmentedLM(nn.Module):
@@ -145,6 +115,12 @@ class AugmentedLM(nn.Module):
                 itself, sits where a group inserted at s would (`dca.masks.group_position_ids` at s), its anchor
                 (`latent_anchor`) is that of s (the embeddings of x[s-N+1 .. s] for "replay") and it is scored on
                 x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
+
+        Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-N] and replaces x[s-N+1 .. s]
+        (its soft tokens still read x[0..t]); every s then needs N real tokens up to it.
+
+        Raises:
+            ValueError: a bad batch or bad positions, delays or num_ahead, naming which.
         """
         coprocessor = self._require_coprocessor()
         config = coprocessor.config
@@ -160,6 +136,8 @@ class AugmentedLM(nn.Module):
         # where each group's latents are inserted: after t, or d tokens later (the decoder's side of every group)
         inserted = positions if delays is None else check_positions(positions + check_delays(delays, positions),
                                                                      attention_mask, "delayed insertion positions")
+        replaced = config.replaced_entries  # "overwrite": the latents replace x[s-N+1 .. s] in the decoder's pass
+        check_overwritable(inserted, attention_mask, replaced, "positions" if delays is None else "positions + delays")
         n, a = config.num_latents, config.num_ahead if num_ahead is None else num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
         arange_a = torch.arange(1, a + 1, device=input_ids.device)
@@ -175,7 +153,7 @@ class AugmentedLM(nn.Module):
         real_before = prefix_pos.gather(1, inserted) + 1  # real tokens x[0..s]
         check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
                        max(int(prefix_pos.max()), int(group_pos.view_as(needed)[needed].max())),
-                       max(int(attention_mask.sum(1).max()), int((real_before + needed.sum(2)).max())))
+                       max(int(attention_mask.sum(1).max()), int((real_before + needed.sum(2)).max()) - replaced))
 
         # 1. the frozen decoder over the original tokens: a full-length cache (no sliding-window eviction)
         cache = DynamicCache()
@@ -207,7 +185,7 @@ class AugmentedLM(nn.Module):
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
         mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, inserted, group, causal=True,
-                                                   num_latents=n, attention=attention)
+                                                   num_latents=n, attention=attention, replaced=replaced)
         limit = position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
             group_pos = group_pos.clamp(max=limit - 1)
@@ -238,8 +216,10 @@ class AugmentedLM(nn.Module):
         return self.group_attention
 
     def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
-                      group_size: int, *, causal: bool, num_latents: int, attention: str = "dense"):
-        """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`."""
+                      group_size: int, *, causal: bool, num_latents: int, attention: str = "dense",
+                      replaced: int = 0):
+        """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`, each replacing
+        the cache entries of the last `replaced` tokens up to its insertion point (`dca.masks.prefix_allowed`)."""
         position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
                                           layout=self.coprocessor.config.latent_positions)
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
@@ -248,12 +228,12 @@ class AugmentedLM(nn.Module):
             placeholder = attention_mask[:, None, None]
             layout = FlexLayout if attention == "flex" else GroupLayout  # flex's also keeps its block masks
             return placeholder, position_ids, {"dca_groups": layout(attention_mask, prefix_pos, positions, group_size,
-                                                                    causal, prefix_grad=False)}
+                                                                    causal, prefix_grad=False, replaced=replaced)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype
         mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
-                                    dtype, causal_within_group=causal)
+                                    dtype, causal_within_group=causal, replaced=replaced)
         return mask, position_ids, {}
 
     def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -277,7 +257,12 @@ class AugmentedLM(nn.Module):
 
         Batches must be left-padded (as for `generate`); each row gives what it would alone. A LoRA coprocessor
         reads the prompt in the decoder's own prefill pass (`Coprocessor.read_after_prompt`): the same cache and
-        latents as `augment_with_grad`, one pass over the weights fewer.
+        latents as `augment_with_grad`, one pass over the weights fewer. Under ``latent_positions="overwrite"`` the
+        latents replace the cache entries of the prompt's last N tokens (the cache is cropped after the coprocessor
+        has read it): the returned cache holds L entries, not L + N.
+
+        Raises:
+            ValueError: a bad batch, right padding, or (under "overwrite") a row with fewer than N real tokens.
         """
         return self._augment(input_ids, attention_mask, shared_pass=True)
 
@@ -303,24 +288,31 @@ class AugmentedLM(nn.Module):
             raise ValueError("augment needs left padding: the last token of every row must be real "
                              "(tokenizer.padding_side = 'left')")
         batch, length = input_ids.shape
-        n = coprocessor.config.num_latents
+        n, replaced = coprocessor.config.num_latents, coprocessor.config.replaced_entries
         prefix_pos = prefix_position_ids(attention_mask)
         last = torch.full((batch, 1), length - 1, device=input_ids.device)
+        check_overwritable(last, attention_mask, replaced, "input_ids")
         latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
-        extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
+        # the latents replace the last `replaced` entries, real tokens all (check_overwritable): the mask of the rest
+        extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n - replaced)], dim=1)
         check_context(self.decoder.config, "augment: the prompt and its latents",
-                       int(latent_pos.max().clamp(min=prefix_pos.max())), int(attention_mask.sum(1).max()) + n)
+                       int(latent_pos.max().clamp(min=prefix_pos.max())),
+                       int(attention_mask.sum(1).max()) + n - replaced)
 
         cache = DynamicCache()
         if shared_pass and coprocessor.reads_after_prompt:
-            latents = coprocessor.read_after_prompt(self._embed(input_ids), extended_mask,
+            # the soft tokens read all of x[0..t], whatever the latents later replace
+            soft_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
+            latents = coprocessor.read_after_prompt(self._embed(input_ids), soft_mask,
                                                     torch.cat([prefix_pos, latent_pos], dim=1), cache,
                                                     anchor=self._latent_anchor(input_ids, attention_mask, last))
         else:
             self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefix_pos,
                          past_key_values=cache, logits_to_keep=1)
             latents = self.prompt_latents(fork_cache(cache), input_ids, attention_mask)
+        if replaced:
+            cache.crop(-replaced)  # "overwrite": the latents take the last N tokens' entries (after the read)
         return cache, latents, extended_mask, latent_pos, next_pos
 
     def prompt_latents(self, cache: DynamicCache, input_ids: torch.Tensor,
@@ -371,17 +363,18 @@ class AugmentedLM(nn.Module):
                                          generation_config=generation_config, **generate_kwargs)
         check_own_arguments(generate_kwargs)
         input_ids, attention_mask = check_batch(input_ids, attention_mask, self._vocab_size)
-        n = self.coprocessor.config.num_latents
-        call = generate_arguments(self.decoder, generation_config, generate_kwargs, input_ids.shape[1] + n)
+        n, replaced = self.coprocessor.config.num_latents, self.coprocessor.config.replaced_entries
+        kept = input_ids.shape[1] - replaced  # prompt tokens whose entries stay in the cache
+        call = generate_arguments(self.decoder, generation_config, generate_kwargs, kept + n, input_ids.shape[1])
         # the prompt's cache without the latents: generate writes them itself, as its first step, whose logits give
         # the first token (writing them here would cost a pass, and generate would still have to rerun the last one)
         cache, latents, extended_mask, latent_pos, _ = self._prompt_and_latents(input_ids, attention_mask,
                                                                                shared_pass=True)
         if call.rows > 1:
             cache.batch_repeat_interleave(call.rows)  # generate repeats every tensor argument, but not a cache
-        embeds = torch.cat([self._embed(input_ids), latents], dim=1)
+        embeds = torch.cat([self._embed(input_ids[:, :kept]), latents], dim=1)
         # explicit position ids (generate continues them from the last one): latents may consume none
-        position_ids = torch.cat([prefix_position_ids(attention_mask), latent_pos], dim=1)
+        position_ids = torch.cat([prefix_position_ids(attention_mask)[:, :kept], latent_pos], dim=1)
         return self.decoder.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=extended_mask,
                                      position_ids=position_ids, past_key_values=cache,
                                      generation_config=call.generation_config, **call.kwargs)

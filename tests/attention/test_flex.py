@@ -15,25 +15,27 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def random_layout(seed: int, batch=3, length=13, groups=4, size=5, causal=True) -> FlexLayout:
+def random_layout(seed: int, batch=3, length=13, groups=4, size=5, causal=True, replaced=0) -> FlexLayout:
     """Padding on either side, insertion points anywhere (including in padding and repeated, as delays give)."""
     generator = torch.Generator().manual_seed(seed)
     valid = torch.ones(batch, length, dtype=torch.long)
     valid[1, : int(torch.randint(1, 5, (), generator=generator))] = 0  # left padding
     valid[2, length - int(torch.randint(1, 5, (), generator=generator)):] = 0  # right padding
     insert_at = torch.randint(0, length, (batch, groups), generator=generator).sort(dim=1).values
-    return FlexLayout(valid, prefix_position_ids(valid), insert_at, size, causal)
+    return FlexLayout(valid, prefix_position_ids(valid), insert_at, size, causal, replaced=replaced)
 
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 1, 3, 8])
-def test_the_mask_predicate_equals_the_dense_rule_at_every_query_and_key(seed, causal, window):
-    layout = random_layout(seed, causal=causal)
+@pytest.mark.parametrize("replaced", [0, 2])  # 2: "overwrite" with N = 2
+def test_the_mask_predicate_equals_the_dense_rule_at_every_query_and_key(seed, causal, window, replaced):
+    layout = random_layout(seed, causal=causal, replaced=replaced)
     batch, groups = layout.insert_at.shape
     queries, keys = groups * layout.group_size, layout.prefix_valid.shape[1] + groups * layout.group_size
     expected = group_attention_allowed(layout.prefix_valid, layout.prefix_positions, layout.insert_at,
-                                       layout.group_size, causal_within_group=causal, sliding_window=window)
+                                       layout.group_size, causal_within_group=causal, sliding_window=window,
+                                       replaced=replaced)
     dense = create_mask(group_mask_mod(layout, window), batch, 1, queries, keys, device="cpu")[:, 0]
     assert torch.equal(dense, expected)
     # and the block mask a pass uses carries that predicate
@@ -95,6 +97,15 @@ def test_flex_forward_equals_dense_with_padding(family, config):
     torch.manual_seed(0)
     model, input_ids, attention_mask = padded_batch(family, "eager", config)
     assert_flex_forward_equals_dense(model, input_ids, POSITIONS, attention_mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flex_forward_equals_dense_under_overwrite(family):
+    """Latents that replace the last N cache entries: each group sees x[0..t-N], its slots N earlier."""
+    torch.manual_seed(0)
+    model, input_ids, attention_mask = padded_batch(family, "eager", {"latent_positions": "overwrite"})
+    positions = torch.tensor([[2, 6, 12, 17], [7, 9, 14, 18], [3, 7, 11, 13]])  # t >= N - 1 real tokens each
+    assert_flex_forward_equals_dense(model, input_ids, positions, attention_mask)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -60,7 +60,7 @@ def generated(model, prompt, store):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-@pytest.mark.parametrize("layout", ["replay", "after"])
+@pytest.mark.parametrize("layout", ["replay", "after", "overwrite"])
 @pytest.mark.parametrize("rest_len", [0, 4])
 def test_a_stored_context_gives_the_tokens_of_augmenting_the_document_then_feeding_the_rest(
         tmp_path, family, layout, rest_len):

@@ -26,3 +26,12 @@ def test_measures_the_chosen_variants_and_writes_them(tmp_path):
 def test_unknown_variant_names_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="known:"):
         InitStudyArgs(variants=["no such mapping"])
+
+
+def test_points_leave_room_for_latents_that_replace_the_last_n_tokens():
+    overwrite, default = ["overwrite last N tokens (gate 0)"], ["replay at own positions (gate 0)"]
+    assert InitStudyArgs(num_latents=4, variants=overwrite + default).first_position() == 3
+    assert InitStudyArgs(num_latents=4, variants=default).first_position() == 0
+    assert InitStudyArgs(num_latents=4, variants=default, min_position=9).first_position() == 9
+    with pytest.raises(ValueError, match="^min_position must be >= N-1 = 3"):
+        InitStudyArgs(num_latents=4, variants=overwrite, min_position=2)

@@ -1,6 +1,7 @@
 """Group attention through PyTorch's flex attention: the CUDA path, block-sparse and fused.
 
-The rule of `dca.masks` -- member m of the group after t sees original token j when j <= t, j is
+The rule of `dca.masks` -- member m of the group after t sees original token j when j <= t (t - N under
+"overwrite"), j is
 real and (with a window) within the window of the member's cache slot, and member k of its own
 group when k <= m (causal) and within the window -- is written here once more as a predicate
 `mask_mod(b, h, q, kv)` over the flattened [P·G queries, T + P·G keys]. `create_block_mask` turns it
@@ -43,8 +44,9 @@ def group_mask_mod(layout: GroupLayout, sliding_window: int | None = None) -> Ca
     tail = (batch, groups * size)
     valid = torch.cat([layout.prefix_valid.bool(), layout.prefix_valid.new_zeros(tail, dtype=torch.bool)], 1)
     positions = torch.cat([layout.prefix_positions, layout.prefix_positions.new_zeros(tail)], 1)  # [B, T + P·G]
-    insert_at = layout.insert_at  # [B, P]
-    slots = group_position_ids(layout.prefix_positions, insert_at, size)  # [B, P·G]: pos(t) + 1 + m, the cache slot
+    # "overwrite" (`replaced` = N): a group sees x[0..t-N] and its members sit N cache slots earlier
+    insert_at = layout.insert_at - layout.replaced  # [B, P]: the last prefix key each group sees
+    slots = group_position_ids(layout.prefix_positions, layout.insert_at, size) - layout.replaced  # [B, P·G]
 
     def mask_mod(b, h, q, kv):
         group, member = q // size, q % size

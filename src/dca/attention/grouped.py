@@ -46,13 +46,14 @@ class GroupLayout:
     # False where the cached prefix came from a pass without gradients (training_loss's): its keys and values then
     # get none, which spares two of the backward pass's five matrix products over the prefix
     prefix_grad: bool = True
+    replaced: int = 0  # "overwrite": each group replaces the cache entries of the last this-many tokens up to t
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
     def blocked(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What may NOT be attended, shaped for the scores: (prefix [B, 1, 1, P, G, T], group [G, G])."""
         if sliding_window not in self._masks:
             to_prefix = prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
-                                       sliding_window)
+                                       sliding_window, self.replaced)
             to_group = within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
                                             device=self.insert_at.device)
             self._masks[sliding_window] = (~to_prefix[:, None, None], ~to_group)

@@ -163,8 +163,10 @@ def run_eval(args: EvalArgs) -> dict:
         write_file(out / "eval.md", "\n".join(sections + ([] if final else ["\n*(in progress)*\n"])).encode())
 
     if args.sequences > 0:
+        # latents that replace the last N tokens' entries ("overwrite") need t >= N-1: every model gets those points
+        first = max([m.coprocessor.config.replaced_entries - 1 for m in models.values()] + [0])
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
-                                            args.seq_len, args.positions, max(args.ks))
+                                            args.seq_len, args.positions, max(args.ks), min_position=first)
         reports = {name: perplexity_by_position(m, seqs, positions, tuple(args.ks), batch_size=args.batch_size,
                                                 bootstrap=args.bootstrap, progress=True,
                                                 latent_delay=args.latent_delay)

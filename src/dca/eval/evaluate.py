@@ -128,11 +128,12 @@ def trained_vs_untrained_markdown(trained: PositionReport, untrained: PositionRe
 
 
 def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequences: int, seq_len: int,
-                      positions: int, max_k: int, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed held-out sequences and augmentation points that leave `max_k` tokens after each."""
+                      positions: int, max_k: int, seed: int = 12345,
+                      min_position: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed held-out sequences and augmentation points t >= `min_position` that leave `max_k` tokens after each."""
     _, held_out = split_texts(load_texts(data), held_out_fraction)
     seqs = tokenize_and_pack(held_out, model_tokenizer, seq_len)[:sequences]
     if len(seqs) < sequences:
         raise DataError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
     generator = torch.Generator().manual_seed(seed)
-    return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator)
+    return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator, min_position)

@@ -145,6 +145,8 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                          f"{latent_delay!r}")
     check_own_arguments(kwargs)
     coprocessor = model._require_coprocessor()
+    if coprocessor.config.replaced_entries:  # the cache would have to drop tokens the decoder has already read
+        raise ValueError("generate(augment='async') does not support latent_positions='overwrite': use augment=True")
     decoder = model.decoder
     input_ids, attention_mask = check_batch(input_ids, attention_mask, model._vocab_size)
     if not bool(attention_mask[:, -1].all()):

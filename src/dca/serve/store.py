@@ -181,8 +181,8 @@ class ContextStore:
         n, layers = meta["num_latents"], meta["num_layers"]
         expected = ({"latents", "logits", "latent_position_ids", "next_position_ids"}
                     | {f"{kind}.{i}" for kind in ("keys", "values") for i in range(layers)})
-        if set(tensors) != expected or any(tensors[f"keys.{i}"].shape[-2] != tokens.numel() + n
-                                           for i in range(layers)):
+        entries = tokens.numel() + n - model.coprocessor.config.replaced_entries  # "overwrite": fewer
+        if set(tensors) != expected or any(tensors[f"keys.{i}"].shape[-2] != entries for i in range(layers)):
             raise StoreError(f"{path / TENSORS_NAME} does not hold a stored context of {tokens.numel()} tokens and "
                              f"{n} latents")
         device, dtype = model.device, model.decoder.dtype
@@ -259,24 +259,26 @@ def generate_with_store(model: AugmentedLM, store: str | Path | ContextStore, in
     if context is None:
         return model.generate(input_ids, attention_mask, generation_config=generation_config, **generate_kwargs)
     n, length = context.latents.shape[1], context.tokens.numel()
+    kept = length - model.coprocessor.config.replaced_entries  # "overwrite": the latents took the last entries
     rest = input_ids[:, length:]
     next_pos = context.next_position_ids + torch.arange(rest.shape[1], device=input_ids.device)
     check_context(model.decoder.config, "generate: the stored document, its latents and the rest of the prompt",
                    int(next_pos.max()) if rest.shape[1] else int(context.latent_position_ids.max()),
-                   input_ids.shape[1] + n)
-    call = generate_arguments(model.decoder, generation_config, generate_kwargs, input_ids.shape[1] + n)
+                   input_ids.shape[1] - length + kept + n)
+    call = generate_arguments(model.decoder, generation_config, generate_kwargs, input_ids.shape[1] - length + kept + n,
+                              input_ids.shape[1])
     cache = context.past_key_values
     if rest.shape[1] == 0:
         cache.crop(-1)  # generate must process at least one input itself: the last latent, as an embedding
     if call.rows > 1:
         cache.batch_repeat_interleave(call.rows)  # generate repeats every tensor argument, but not a cache
     embed = model.decoder.get_input_embeddings()
-    embeds = torch.cat([embed(input_ids[:, :length]), context.latents, embed(rest)], dim=1)
+    embeds = torch.cat([embed(input_ids[:, :kept]), context.latents, embed(rest)], dim=1)
     # the document at 0..L-1, the latents where augment put them, the rest after them: generate prefills only
     # what the cache lacks (the rest, or the last latent)
-    position_ids = torch.cat([torch.arange(length, device=input_ids.device)[None], context.latent_position_ids,
+    position_ids = torch.cat([torch.arange(kept, device=input_ids.device)[None], context.latent_position_ids,
                               next_pos], dim=1)
-    mask = attention_mask.new_ones(1, input_ids.shape[1] + n)
+    mask = attention_mask.new_ones(1, embeds.shape[1])
     return model.decoder.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask,
                                   position_ids=position_ids, past_key_values=cache,
                                   generation_config=call.generation_config, **call.kwargs)

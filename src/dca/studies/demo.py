@@ -112,9 +112,10 @@ def run_demo(args: DemoArgs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[1/3] loading {args.model} and held-out {args.data} text", flush=True)
     decoder, tokenizer = load_model(args.model)
-    seqs, positions = held_out_eval_set(tokenizer, args.data, 0.05, args.sequences, args.seq_len, args.positions,
-                                        max(KS))
     model = AugmentedLM.from_pretrained(resolve_coprocessor(args.coprocessor), decoder)
+    first = max(model.coprocessor.config.replaced_entries - 1, 0)  # "overwrite" needs t >= N-1
+    seqs, positions = held_out_eval_set(tokenizer, args.data, 0.05, args.sequences, args.seq_len, args.positions,
+                                        max(KS), min_position=first)
     config = model.coprocessor.config
     print(f"      coprocessor {args.coprocessor}: N={config.num_latents} latents, "
           f"{'LoRA r' + str(config.lora_rank) if config.uses_lora else config.init}; evaluating "

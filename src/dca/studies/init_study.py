@@ -55,6 +55,11 @@ VARIANTS: dict[str, dict] = {
         "latent_scale": "gated", "latent_anchor": "last_token", "latent_positions": "replay"},
     "last token at pos(t), zeros before at pos(t) (gate 0)": {
         "latent_scale": "gated", "latent_anchor": "last_token", "latent_positions": "shared"},
+    # issue 11: no duplicates -- the latents replace the cache entries of x[t-N+1 .. t] (at gate 0: an exact no-op)
+    "overwrite last N tokens (gate 0)": {"latent_scale": "gated", "latent_anchor": "replay",
+                                         "latent_positions": "overwrite"},
+    "overwrite last N tokens + 0.1 x latents": {"latent_scale": "gated", "latent_anchor": "replay", "gate_init": 0.1,
+                                                "soft_token_init": "vocab_mean", "latent_positions": "overwrite"},
 }
 
 
@@ -68,6 +73,9 @@ class InitStudyArgs:
     sequences: int = field(default=8, metadata=help_meta("held-out sequences"))
     seq_len: int = field(default=192, metadata=help_meta("tokens per sequence"))
     positions: int = field(default=6, metadata=help_meta("augmentation points per sequence"))
+    min_position: int | None = field(default=None, metadata=help_meta(
+        "earliest augmentation point (default: N-1 when an 'overwrite' variant is measured, which needs N tokens "
+        "up to t, else 0); every variant is measured at the same points"))
     held_out_fraction: float = field(default=0.05, metadata=help_meta("as in dca train"))
     variants: list[str] = field(default_factory=list, metadata=help_meta("names of the mappings to measure "
                                                                            "(default: all of VARIANTS)"))
@@ -81,6 +89,20 @@ class InitStudyArgs:
             check_int(name, getattr(self, name))
         check_int("seq_len", self.seq_len, minimum=2)
         check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
+        if self.min_position is not None:
+            check_int("min_position", self.min_position, minimum=0)
+            if self._overwrites() and self.min_position < self.num_latents - 1:
+                raise ArgumentError("min_position", f"must be >= N-1 = {self.num_latents - 1} when an 'overwrite' "
+                                    f"variant is measured, got {self.min_position}")
+
+    def _overwrites(self) -> bool:
+        return any(VARIANTS[name].get("latent_positions") == "overwrite" for name in self.variants or VARIANTS)
+
+    def first_position(self) -> int:
+        """The earliest augmentation point: `min_position`, or N-1 if a measured variant overwrites (else 0)."""
+        if self.min_position is not None:
+            return self.min_position
+        return self.num_latents - 1 if self._overwrites() else 0
 
 
 def run_init_study(args: InitStudyArgs) -> dict:
@@ -89,7 +111,7 @@ def run_init_study(args: InitStudyArgs) -> dict:
     check_writable_dir("out", args.out)
     decoder, tokenizer = load_model(args.model)
     seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences, args.seq_len,
-                                        args.positions, max(KS))
+                                        args.positions, max(KS), min_position=args.first_position())
     results = {}
     for name, overrides in VARIANTS.items():
         if args.variants and name not in args.variants:
@@ -100,7 +122,8 @@ def run_init_study(args: InitStudyArgs) -> dict:
         print(f"{name:45s} " + " ".join(f"{100 * r:+10.1f}%" for r in report.rel_change), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_file(out / "init_study.json", json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_file(out / "init_study.json", json.dumps({"args": vars(args), "first_position": args.first_position(),
+                                                   "results": results}, indent=2))
     header = "| latents at step 0 | " + " | ".join(f"k={k}" for k in KS) + " |"
     rows = [header, "|---|" + "---|" * len(KS)]
     for name, r in results.items():

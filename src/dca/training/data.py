@@ -81,12 +81,13 @@ class BatchSchedule:
     """Micro-batch k of a run: which sequences, where to augment them and, with `max_delay`, how late the latents
     arrive (`AugmentedLM.training_loss`'s delays). A function of (seed, k) only."""
 
-    def __init__(self, sequences: torch.Tensor, batch_size: int, num_positions: int, seed: int, max_delay: int = 0):
+    def __init__(self, sequences: torch.Tensor, batch_size: int, num_positions: int, seed: int, max_delay: int = 0,
+                 min_position: int = 0):
         if len(sequences) < batch_size:
             raise DataError(f"only {len(sequences)} training sequences for a batch of {batch_size}: "
                              "use more text, a shorter seq_len or a smaller batch")
         self.sequences, self.batch_size, self.num_positions, self.seed = sequences, batch_size, num_positions, seed
-        self.max_delay = max_delay
+        self.max_delay, self.min_position = max_delay, min_position  # "overwrite" needs t >= N-1
         self.batches_per_epoch = len(sequences) // batch_size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -96,7 +97,8 @@ class BatchSchedule:
         order = torch.randperm(len(self.sequences), generator=epoch_generator)
         rows = order[offset * self.batch_size : (offset + 1) * self.batch_size]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        positions = sample_positions(self.batch_size, self.sequences.shape[1], self.num_positions, generator)
+        positions = sample_positions(self.batch_size, self.sequences.shape[1], self.num_positions, generator,
+                                     self.min_position)
         # drawn after the positions, from the same generator: without delays the batches are those of before
         delays = None
         if self.max_delay:

@@ -139,6 +139,14 @@ class TrainArgs:
         check_choice("preset", self.preset, PRESETS)
         if isinstance(self.coprocessor, dict):  # from args.json
             self.coprocessor = CoprocessorConfig.from_dict(self.coprocessor)
+        first = self.first_position()
+        if self.positions > self.seq_len - 1 - first:
+            raise ArgumentError("positions", f"({self.positions}) must be at most seq_len - 1 - {first} = "
+                                f"{self.seq_len - 1 - first}: latent_positions='overwrite' needs t >= N-1 = {first}")
+
+    def first_position(self) -> int:
+        """The earliest insertion point sampled: N-1 when the latents replace the last N tokens' entries, else 0."""
+        return max(self.coprocessor.replaced_entries - 1, 0)
 
     def check_sources(self) -> None:
         """The model, the data and the run folder exist and can be used (cheap: nothing is loaded)."""
@@ -184,9 +192,10 @@ def prepare_data(args: TrainArgs, tokenizer, world_size: int = 1) -> TrainingDat
     if len(eval_seqs) == 0:
         raise DataError("the held-out documents do not fill one sequence: lower seq_len or raise held_out_fraction")
     eval_positions = sample_positions(len(eval_seqs), args.seq_len, args.positions,
-                                      torch.Generator().manual_seed(12345))
+                                      torch.Generator().manual_seed(12345), args.first_position())
     # the global batch: every process takes its rows of it (`Processes.rows`)
-    schedule = BatchSchedule(train_seqs, args.batch_size * world_size, args.positions, args.seed, args.max_delay)
+    schedule = BatchSchedule(train_seqs, args.batch_size * world_size, args.positions, args.seed, args.max_delay,
+                             args.first_position())
     return TrainingData(schedule, eval_seqs, eval_positions, train_seqs.numel())
 
 

@@ -1,0 +1,167 @@
+"""``latent_positions="overwrite"``: the latents replace the cache entries of the prompt's last N tokens.
+
+The one-pass objective (grouped and dense) equals the sequential computation here and the independent
+reference in `test_independent_reference.py`; an untrained coprocessor (gate 0) is exactly the frozen
+decoder on every family, sliding windows included -- which the default layout, appending N duplicates,
+is not; inference (augment, the shared prefill, generate) writes what training scored.
+"""
+
+import pytest
+import torch
+from test_model import IMPLS, assert_matches_sequential
+from tiny_models import FAMILIES, VOCAB, tiny_decoder
+from transformers import DynamicCache
+
+from dca import AugmentedLM, CoprocessorConfig
+from dca.errors import ArgumentError
+from dca.masks import prefix_allowed
+from dca.training.train import TrainArgs
+
+MODES = ("grouped", "dense")
+
+
+def overwrite_model(family="llama", impl="eager", **config):
+    config = {"num_latents": 3, "num_ahead": 4, "gate_init": 0.5, "latent_positions": "overwrite", **config}
+    return AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(**config)).eval()
+
+
+def test_the_decoders_groups_see_only_what_the_latents_do_not_replace():
+    valid, pos = torch.ones(1, 8), torch.arange(8)[None]
+    allowed = prefix_allowed(valid, pos, torch.tensor([[4]]), 3, replaced=2)[0, 0]  # sees x[0..2]
+    assert allowed.long().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]] * 3
+    # member k sits in slot pos(t)+1+k-2 = 3+k: a window of 3 keeps slots 1+k .. 3+k
+    windowed = prefix_allowed(valid, pos, torch.tensor([[4]]), 3, sliding_window=3, replaced=2)[0, 0]
+    assert windowed.long().tolist() == [[0, 1, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0], [0] * 8]
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+def test_training_loss_equals_sequential(family, impl):
+    model = overwrite_model(family, impl)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    # t = N-1 (the group sees no original token), positions whose ahead window runs off the end
+    for mode in MODES:
+        model.group_attention = mode
+        assert_matches_sequential(model, input_ids, torch.tensor([[2, 9, 21, 22], [3, 13, 17, 20]]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_equals_sequential_with_padding_delays_and_lora(family):
+    model = overwrite_model(family, lora_rank=2, soft_token_attention="full")
+    with torch.no_grad():
+        for name, param in model.coprocessor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    mask = torch.ones_like(input_ids)
+    mask[0, 16:] = 0
+    mask[1, :4] = 0
+    positions = torch.tensor([[2, 7, 12], [6, 10, 15], [4, 9, 17]])
+    delays = torch.tensor([[2, 0, 3], [1, 3, 2], [3, 1, 0]])
+    for mode in MODES:
+        model.group_attention = mode
+        assert_matches_sequential(model, input_ids, positions, mask)
+        assert_matches_sequential(model, input_ids, positions, mask, delays=delays)
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+@pytest.mark.parametrize("num_latents", [1, 3, 8])  # 8: more than the tiny Gemma windows (5 and 6 slots)
+def test_an_untrained_coprocessor_is_exactly_the_frozen_decoder(family, impl, num_latents):
+    model = overwrite_model(family, impl, num_latents=num_latents, gate_init=0.0)
+    torch.manual_seed(4)
+    input_ids = torch.randint(0, VOCAB, (2, 24))
+    positions = torch.tensor([[num_latents - 1, 12, 20], [num_latents + 2, 15, 22]])
+    for mode in MODES:
+        model.group_attention = mode
+        out = model.training_loss(input_ids, positions, with_baseline=True)
+        torch.testing.assert_close(out.token_losses, out.baseline_token_losses, rtol=1e-5, atol=1e-5)
+    prompt = input_ids[:1, :15]
+    cache = DynamicCache()  # full length, as augment's
+    plain = model.decoder(input_ids=prompt, past_key_values=cache, use_cache=True)
+    augmented = model.augment(prompt)  # the latents recompute the entries they replace
+    torch.testing.assert_close(augmented.logits, plain.logits[:, -1], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(augmented.past_key_values.layers, cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=1e-5, atol=1e-5)
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    frozen = model.decoder.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(generated, frozen)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_default_that_appends_duplicates_is_not(family):
+    """The property above fails for the replay layout: that is what "overwrite" mends."""
+    model = overwrite_model(family, latent_positions="replay", gate_init=0.0)
+    input_ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    out = model.training_loss(input_ids, torch.tensor([[2, 12, 20], [5, 15, 22]]), with_baseline=True)
+    assert not torch.allclose(out.token_losses, out.baseline_token_losses, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_augment_and_generate_write_what_training_scores(family):
+    model = overwrite_model(family, lora_rank=4)
+    with torch.no_grad():
+        for param in model.coprocessor.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    torch.manual_seed(0)
+    input_ids = torch.randint(6, VOCAB, (2, 9))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0  # six real tokens: enough for N = 3
+    shared, plain = model.augment(input_ids, mask), model.augment_with_grad(input_ids, mask)  # one pass, two
+    torch.testing.assert_close(shared.latents, plain.latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    assert shared.attention_mask.shape == mask.shape and shared.past_key_values.get_seq_length() == 9
+    # greedy decoding by hand from the augmented cache, against generate
+    cache, past, position, logits, tokens = shared.past_key_values, shared.attention_mask, shared.next_position_ids, \
+        shared.logits, []
+    with torch.no_grad():
+        for _ in range(5):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            past = torch.cat([past, torch.ones_like(tokens[-1])], 1)
+            logits = model.decoder(input_ids=tokens[-1], attention_mask=past, position_ids=position,
+                                   past_key_values=cache, use_cache=True).logits[:, -1]
+            position = position + 1
+    out = model.generate(input_ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out[:, 9:], torch.cat(tokens, 1))
+
+
+def test_each_input_overwrite_cannot_use_is_refused_naming_it():
+    model = overwrite_model()
+    input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="^positions: .*at least 3 real tokens"):
+        model.training_loss(input_ids, torch.tensor([[1, 6]]))
+    with pytest.raises(ValueError, match="^positions \\+ delays: "):
+        model.training_loss(input_ids, torch.tensor([[0, 6]]), delays=torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="^input_ids: "):
+        model.augment(input_ids[:, :2])
+    with pytest.raises(ValueError, match="overwrite"):
+        model.generate(input_ids, augment="async", max_new_tokens=2)
+    with pytest.raises(ArgumentError, match="^latent_positions cannot"):
+        CoprocessorConfig(method="pause", latent_positions="overwrite")
+    with pytest.raises(ArgumentError, match="^positions "):
+        TrainArgs(seq_len=20, positions=18, coprocessor=CoprocessorConfig(num_latents=4, latent_positions="overwrite"))
+
+
+def test_the_layout_is_saved_and_sampled_points_leave_room():
+    config = CoprocessorConfig(num_latents=5, latent_positions="overwrite")
+    assert CoprocessorConfig.from_dict(config.to_dict()) == config
+    assert (config.replaced_entries, config.positions_taken, CoprocessorConfig().replaced_entries) == (5, 0, 0)
+    args = TrainArgs(seq_len=20, positions=15, coprocessor=config)  # t in [4, 18]
+    assert args.first_position() == 4 and TrainArgs().first_position() == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_untrained_generate_equals_the_frozen_decoder_with_beams_and_lengths(family):
+    # the embeddings generate gets are as long as the prompt: transformers must count lengths as for the decoder
+    model = overwrite_model(family, gate_init=0.0)
+    input_ids = torch.randint(6, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3], input_ids[1, :3] = 0, 0
+    for kwargs in ({"max_new_tokens": 5, "num_beams": 3, "num_return_sequences": 2}, {"max_length": 12},
+                   {"max_new_tokens": 4, "min_length": 12}):
+        kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None, **kwargs}
+        ours, theirs = model.generate(input_ids, mask, **kwargs), model.decoder.generate(input_ids, attention_mask=mask,
+                                                                                          **kwargs)
+        assert torch.equal(ours, theirs), kwargs
