@@ -139,3 +139,22 @@ def train_args(assets, out, **overrides):
                 batch_size=4, steps=6, lr=3e-3, warmup_steps=1, eval_every=3, save_every=2, eval_sequences=4,
                 held_out_fraction=0.1, progress=False, device="cpu")
     return TrainArgs(**{**base, **overrides})
+
+
+def padded_batch(family: str, impl: str, config: dict, **overrides):
+    """An AugmentedLM over a tiny decoder (`overrides` go to its config) with moved LoRA weights (B starts at 0:
+    moved, its gradient paths are exercised too), and a batch of 3 rows of 20 tokens: one unpadded, one
+    left-padded, one right-padded."""
+    from dca import AugmentedLM, CoprocessorConfig
+
+    model = AugmentedLM.from_decoder(tiny_decoder(family, impl, **overrides), CoprocessorConfig(
+        num_latents=3, num_ahead=4, gate_init=0.5, **config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    input_ids = torch.randint(0, VOCAB, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 15:] = 0  # right padding
+    return model, input_ids, attention_mask

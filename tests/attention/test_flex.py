@@ -4,7 +4,7 @@ backward on CPU; the fused kernel exists on GPUs only)."""
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, tiny_decoder
+from tiny_models import FAMILIES, VOCAB, padded_batch, tiny_decoder
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from dca import AugmentedLM, CoprocessorConfig
@@ -56,20 +56,6 @@ def test_the_block_mask_visits_only_the_prefix_and_each_groups_own_block():
     eye = torch.eye(groups, dtype=torch.bool).expand(3, -1, -1)
     assert torch.equal(visited[:, :, prefix_blocks:], eye)
 
-
-def padded_batch(family, impl, config, **overrides):
-    """A model with moved LoRA weights and a batch of 3 rows of 20 tokens: unpadded, left-padded, right-padded."""
-    model = AugmentedLM.from_decoder(tiny_decoder(family, impl, **overrides), CoprocessorConfig(
-        num_latents=3, num_ahead=4, gate_init=0.5, **config))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    input_ids = torch.randint(0, VOCAB, (3, 20))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0
-    attention_mask[2, 15:] = 0
-    return model, input_ids, attention_mask
 
 
 def losses(model, mode, *args, **kwargs):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, tiny_decoder
+from tiny_models import FAMILIES, VOCAB, padded_batch, tiny_decoder
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.attention import GROUPED
@@ -28,21 +28,6 @@ def assert_grouped_equals_dense(model, input_ids, positions, attention_mask=None
         torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
         assert grad.abs().sum() > 0, name  # the comparison is not between two zeros
 
-
-def padded_batch(family, impl, config):
-    """A model with moved LoRA weights (B starts at 0: moved, its gradient paths are exercised too) and a batch of
-    3 rows of 20 tokens: one unpadded, one left-padded, one right-padded."""
-    model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(
-        num_latents=3, num_ahead=4, gate_init=0.5, **config))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    input_ids = torch.randint(0, VOCAB, (3, 20))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0  # left padding
-    attention_mask[2, 15:] = 0  # right padding
-    return model, input_ids, attention_mask
 
 
 @pytest.mark.parametrize(("family", "impl"), IMPLS)
