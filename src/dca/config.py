@@ -184,6 +184,11 @@ class CoprocessorConfig:
         """Prompt cache entries the latents replace (the last N under "overwrite"): the cache grows by N minus this."""
         return self.num_latents if self.latent_positions == "overwrite" else 0
 
+    @property
+    def first_position(self) -> int:
+        """The earliest insertion point t this layout takes: N-1 under "overwrite" (N tokens to replace), else 0."""
+        return max(self.replaced_entries - 1, 0)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

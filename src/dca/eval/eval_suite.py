@@ -164,7 +164,7 @@ def run_eval(args: EvalArgs) -> dict:
 
     if args.sequences > 0:
         # latents that replace the last N tokens' entries ("overwrite") need t >= N-1: every model gets those points
-        first = max([m.coprocessor.config.replaced_entries - 1 for m in models.values()] + [0])
+        first = max((m.coprocessor.config.first_position for m in models.values()), default=0)
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
                                             args.seq_len, args.positions, max(args.ks), min_position=first)
         reports = {name: perplexity_by_position(m, seqs, positions, tuple(args.ks), batch_size=args.batch_size,

@@ -146,7 +146,7 @@ class TrainArgs:
 
     def first_position(self) -> int:
         """The earliest insertion point sampled: N-1 when the latents replace the last N tokens' entries, else 0."""
-        return max(self.coprocessor.replaced_entries - 1, 0)
+        return self.coprocessor.first_position
 
     def check_sources(self) -> None:
         """The model, the data and the run folder exist and can be used (cheap: nothing is loaded)."""
