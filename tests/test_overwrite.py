@@ -134,10 +134,6 @@ def test_each_input_overwrite_cannot_use_is_refused_naming_it():
         model.training_loss(input_ids, torch.tensor([[1, 6]]))
     with pytest.raises(ValueError, match="^positions \\+ delays: "):
         model.training_loss(input_ids, torch.tensor([[0, 6]]), delays=torch.tensor([[1, 0]]))
-    with pytest.raises(ValueError, match="^input_ids: "):
-        model.augment(input_ids[:, :2])
-    with pytest.raises(ValueError, match="overwrite"):
-        model.generate(input_ids, augment="async", max_new_tokens=2)
     with pytest.raises(ArgumentError, match="^latent_positions cannot"):
         CoprocessorConfig(method="pause", latent_positions="overwrite")
     with pytest.raises(ArgumentError, match="^positions "):
@@ -165,3 +161,50 @@ def test_untrained_generate_equals_the_frozen_decoder_with_beams_and_lengths(fam
         ours, theirs = model.generate(input_ids, mask, **kwargs), model.decoder.generate(input_ids, attention_mask=mask,
                                                                                           **kwargs)
         assert torch.equal(ours, theirs), kwargs
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+def test_prompts_shorter_than_n_are_exactly_the_frozen_decoder_at_gate_0(family, impl):
+    """A row with r < N tokens keeps its last r latents: at gate 0 still no change, sync and async, alone and in a
+    left-padded batch beside longer rows."""
+    model = overwrite_model(family, impl, num_latents=5, gate_init=0.0)
+    input_ids = torch.randint(6, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(input_ids)
+    mask[1, :5], input_ids[1, :5] = 0, 0  # 2 real tokens
+    mask[2, :3], input_ids[2, :3] = 0, 0  # 4
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    for ids, attention in ((input_ids[:1, :3], None), (input_ids[:1, :1], None), (input_ids, mask)):
+        frozen = model.decoder.generate(ids, attention_mask=attention, **kwargs)
+        assert torch.equal(model.generate(ids, attention, **kwargs), frozen)
+        for delay in (0, 2):
+            assert torch.equal(model.generate(ids, attention, augment="async", latent_delay=delay, **kwargs), frozen)
+
+
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+def test_a_short_prompt_gets_one_latent_per_token(family, impl):
+    """Trained weights: augment on r < N tokens equals the decoder reading only the last r latents at x's positions
+    (written out here), and a left-padded batch equals each row alone."""
+    model = overwrite_model(family, impl, num_latents=5, lora_rank=2)
+    with torch.no_grad():
+        for name, param in model.coprocessor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    rows = [torch.randint(6, VOCAB, (r,), generator=torch.Generator().manual_seed(r)) for r in (3, 1, 8)]
+    alone = []
+    for row in rows:
+        out = model.augment(row[None])
+        r = min(len(row), 5)
+        with torch.no_grad():
+            cache = DynamicCache()
+            if len(row) > 5:
+                model.decoder(input_ids=row[None, :-5], past_key_values=cache, use_cache=True)
+            written = model.decoder(inputs_embeds=out.latents[:, 5 - r:], past_key_values=cache, use_cache=True,
+                                    position_ids=torch.arange(len(row) - r, len(row))[None]).logits[:, -1]
+        torch.testing.assert_close(out.logits, written, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out.logits, model.decoder(row[None]).logits[:, -1], atol=1e-3)  # it did something
+        alone.append(out.logits)
+    input_ids, mask = torch.zeros(3, 8, dtype=torch.long), torch.zeros(3, 8, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, 8 - len(row):], mask[i, 8 - len(row):] = row, 1
+    torch.testing.assert_close(model.augment(input_ids, mask).logits, torch.cat(alone), rtol=1e-5, atol=1e-5)
+

@@ -106,8 +106,9 @@ class CoprocessorConfig:
             originals of x[t-N+1 .. t], and the text resumes at pos(t)+1 (the coprocessor still reads all of
             x[0..t]). With the replay anchor and ``gate_init=0`` the latents are the embeddings of those tokens
             at their own positions and cache slots, so an untrained coprocessor is an exact no-op on any model
-            and for any N, and no token is read twice. Needs at least N real tokens up to every insertion point
-            (t >= N-1); pause tokens are refused (they would erase the last N tokens and carry nothing of them).
+            and for any N, and no token is read twice. Training needs N real tokens up to every insertion point
+            (t >= N-1); at inference a prompt with r < N tokens keeps its last r latents. Pause tokens are refused
+            (they would erase the last N tokens and carry nothing of them).
     """
 
     method: str = field(default="coprocessor", metadata=help_meta("coprocessor, or the pause-token baseline", METHODS))

@@ -259,10 +259,12 @@ class AugmentedLM(nn.Module):
         reads the prompt in the decoder's own prefill pass (`Coprocessor.read_after_prompt`): the same cache and
         latents as `augment_with_grad`, one pass over the weights fewer. Under ``latent_positions="overwrite"`` the
         latents replace the cache entries of the prompt's last N tokens (the cache is cropped after the coprocessor
-        has read it): the returned cache holds L entries, not L + N.
+        has read it): the returned cache holds L entries, not L + N. A row with r < N real tokens keeps only its
+        last r latents (the others replace padding and are masked like it); a prompt shorter than N is left-padded
+        to N first, so the returned cache and mask then hold N entries.
 
         Raises:
-            ValueError: a bad batch, right padding, or (under "overwrite") a row with fewer than N real tokens.
+            ValueError: a bad batch or right padding.
         """
         return self._augment(input_ids, attention_mask, shared_pass=True)
 
@@ -287,14 +289,18 @@ class AugmentedLM(nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("augment needs left padding: the last token of every row must be real "
                              "(tokenizer.padding_side = 'left')")
-        batch, length = input_ids.shape
         n, replaced = coprocessor.config.num_latents, coprocessor.config.replaced_entries
+        # "overwrite" with fewer than N tokens: the prompt is left-padded to N; the latents that replace padding are
+        # masked like it, so a short row gets as many latents as it has tokens (the last ones), an exact no-op at gate 0
+        short = replaced - input_ids.shape[1]
+        if short > 0:
+            input_ids, attention_mask = F.pad(input_ids, (short, 0)), F.pad(attention_mask, (short, 0))
+        batch, length = input_ids.shape
         prefix_pos = prefix_position_ids(attention_mask)
         last = torch.full((batch, 1), length - 1, device=input_ids.device)
-        check_overwritable(last, attention_mask, replaced, "input_ids")
         latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
-        # the latents replace the last `replaced` entries, real tokens all (check_overwritable): the mask of the rest
+        # the latents replace the last `replaced` entries and take their mask (0 where they replace padding)
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n - replaced)], dim=1)
         check_context(self.decoder.config, "augment: the prompt and its latents",
                        int(latent_pos.max().clamp(min=prefix_pos.max())),
@@ -364,7 +370,7 @@ class AugmentedLM(nn.Module):
         check_own_arguments(generate_kwargs)
         input_ids, attention_mask = check_batch(input_ids, attention_mask, self._vocab_size)
         n, replaced = self.coprocessor.config.num_latents, self.coprocessor.config.replaced_entries
-        kept = input_ids.shape[1] - replaced  # prompt tokens whose entries stay in the cache
+        kept = max(input_ids.shape[1] - replaced, 0)  # prompt tokens whose entries stay in the cache
         call = generate_arguments(self.decoder, generation_config, generate_kwargs, kept + n, input_ids.shape[1])
         # the prompt's cache without the latents: generate writes them itself, as its first step, whose logits give
         # the first token (writing them here would cost a pass, and generate would still have to rerun the last one)

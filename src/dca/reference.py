@@ -48,16 +48,21 @@ def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int,
 def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor) -> SimpleNamespace:
     """Read the unpadded row `text` [1, S] plainly, then write `latents` after its last token, laid out as
     `augment` lays out latents computed at that token: what a late insertion is defined to be. Under "overwrite"
-    the latents replace the entries of the last N tokens of `text`: only x[0..s-N] is read first."""
+    the latents replace the entries of the last N tokens of `text`: only x[0..s-N] is read first, and with fewer
+    than N tokens only the last `len(text)` latents are written (one per token they replace)."""
     config = model.coprocessor.config
-    n, length, kept = config.num_latents, text.shape[1], text.shape[1] - config.replaced_entries
+    n, length = config.num_latents, text.shape[1]
+    kept = max(length - config.replaced_entries, 0)
+    if config.replaced_entries and length < n:
+        latents = latents[:, n - length :]
     cache = DynamicCache()
     if kept:
         model.decoder(input_ids=text[:, :kept], past_key_values=cache, use_cache=True)
     prefix_pos = torch.arange(length, device=text.device)[None]
     last = torch.tensor([[length - 1]], device=text.device)
     latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions)
-    mask = torch.ones(1, kept + n, dtype=torch.long, device=text.device)
+    latent_pos = latent_pos[:, n - latents.shape[1] :]
+    mask = torch.ones(1, kept + latents.shape[1], dtype=torch.long, device=text.device)
     out = model.decoder(inputs_embeds=latents, attention_mask=mask, position_ids=latent_pos, past_key_values=cache,
                         use_cache=True)
     next_pos = torch.tensor([[length + config.positions_taken]], device=text.device)

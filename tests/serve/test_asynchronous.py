@@ -12,7 +12,7 @@ from dca import AugmentedLM, CoprocessorConfig
 from dca.reference import insert_latents, move_anchor
 from dca.serve.asynchronous import generate_async
 
-LAYOUTS = ("after", "shared", "replay")
+LAYOUTS = ("after", "shared", "replay", "overwrite")
 NEW = 7
 
 
@@ -58,6 +58,16 @@ def test_latent_delay_equals_the_sequential_late_insertion(family, layout):
         text = outputs[2][:, : 8 + 3]
         late = insert_latents(model, text, move_anchor(model, model.augment(prompt).latents, prompt, text)).logits
         assert not torch.allclose(late, model.decoder(text).logits[:, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_overwrite_on_a_prompt_shorter_than_n(family):
+    """The latents replace 2, 3 and (at s = t + 4) 5 tokens: with fewer than N, one latent per token."""
+    model = make_model(family, latent_positions="overwrite", num_latents=5, gate_init=2.0)
+    prompt = torch.randint(0, VOCAB, (1, 2), generator=torch.Generator().manual_seed(6))
+    for delay in (0, 1, 4):
+        result = generate_async(model, prompt, latent_delay=delay, max_new_tokens=NEW, do_sample=False)
+        assert result.sequences.tolist() == sequential_reference(model, prompt, delay).tolist(), delay
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

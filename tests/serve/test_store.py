@@ -185,6 +185,9 @@ def test_bad_calls_are_refused_with_a_message(tmp_path):
         store.put(model, doc[None])
     with pytest.raises(ValueError, match="token ids must lie"):
         store.put(model, doc + VOCAB)
+    with pytest.raises(ValueError, match="^a stored document needs at least N=3 tokens"):
+        store.put(make_model(latent_positions="overwrite"), doc[:2])
+    assert not any(tmp_path.iterdir())  # nothing written
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="is a file"):
         ContextStore(tmp_path / "file")

@@ -15,7 +15,9 @@ latents inserted after x[s]:
 
 * ``"after"``: pos(s)+1 .. pos(s)+N, and the text resumes at pos(s)+N+1;
 * ``"shared"``: all at pos(s), and the text resumes at pos(s)+1;
-* ``"replay"``: the positions of x[s-N+1 .. s] (generated tokens count), and the text resumes at pos(s)+1.
+* ``"replay"``: the positions of x[s-N+1 .. s] (generated tokens count), and the text resumes at pos(s)+1;
+* ``"overwrite"``: as "replay", in place of the cache entries of x[s-N+1 .. s] (generated tokens the decoder has
+  already read lose their entries; x[s] never gets one), as `training_loss(delays=...)` scores it.
 
 The coprocessor's output is that of time t (its soft tokens sat at t and read x[0..t]); the anchor it is added
 to (`latent_anchor`) is that of the insertion point, computed from the tokens generated so far: under
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import GenerationMode
 
@@ -145,8 +148,6 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                          f"{latent_delay!r}")
     check_own_arguments(kwargs)
     coprocessor = model._require_coprocessor()
-    if coprocessor.config.replaced_entries:  # the cache would have to drop tokens the decoder has already read
-        raise ValueError("generate(augment='async') does not support latent_positions='overwrite': use augment=True")
     decoder = model.decoder
     input_ids, attention_mask = check_batch(input_ids, attention_mask, model._vocab_size)
     if not bool(attention_mask[:, -1].all()):
@@ -156,7 +157,8 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     if rest:
         raise ValueError(f"generate(augment='async') does not take {', '.join(sorted(rest))}")
     batch, length = input_ids.shape
-    n, layout = coprocessor.config.num_latents, coprocessor.config.latent_positions
+    n, layout, replaced = (coprocessor.config.num_latents, coprocessor.config.latent_positions,
+                           coprocessor.config.replaced_entries)
     prefix_pos = prefix_position_ids(attention_mask)
     check_context(decoder.config, "generate(augment='async'): the prompt, its latents and the new tokens",
                    int(prefix_pos.max()) + config.max_length - length + coprocessor.config.positions_taken,
@@ -196,10 +198,19 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             if anchor is not None:
                 embeds = embeds + anchor.to(embeds.dtype)
             position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout)
-            if pending is not None:
-                embeds = torch.cat([model._embed(pending).to(embeds.dtype), embeds], dim=1)
-                position_ids = torch.cat([text_pos[:, -1:], position_ids], dim=1)
-            mask = torch.cat([mask, mask.new_ones(batch, embeds.shape[1])], dim=1)
+            if replaced:  # "overwrite": the latents take the entries of x[s-N+1 .. s]; x[s] (pending) never enters
+                kept = max(text_mask.shape[1] - replaced, 0)
+                if mask.shape[1] > kept:
+                    cache.crop(kept - mask.shape[1])  # transformers' crop takes the number of entries to drop
+                # with fewer than N tokens, the latents that would replace none are masked (as augment does)
+                mask = torch.cat([mask[:, :kept], F.pad(text_mask, (max(replaced - text_mask.shape[1], 0), 0))
+                                  [:, -replaced:]], dim=1)
+                pending = None
+            else:
+                if pending is not None:
+                    embeds = torch.cat([model._embed(pending).to(embeds.dtype), embeds], dim=1)
+                    position_ids = torch.cat([text_pos[:, -1:], position_ids], dim=1)
+                mask = torch.cat([mask, mask.new_ones(batch, embeds.shape[1])], dim=1)
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                           use_cache=True, logits_to_keep=1)
             inserted_at, pending = generated, None

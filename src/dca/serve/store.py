@@ -125,7 +125,11 @@ class ContextStore:
     def put(self, model: AugmentedLM, tokens: torch.Tensor) -> StoredContext:
         """Compute the augmented cache of the document `tokens` ([L] ids) and write it to the store."""
         tokens = _check_tokens(tokens, model)
-        identity = model_identity(model)
+        identity = model_identity(model)  # (which refuses a model without a coprocessor)
+        replaced = model.coprocessor.config.replaced_entries
+        if tokens.numel() < replaced:  # augment would pad it: a stored cache holds the document's entries only
+            raise ValueError(f"a stored document needs at least N={replaced} tokens under latent_positions="
+                             f"'overwrite' (its latents replace the last N), got {tokens.numel()}")
         out = model.augment(tokens[None].to(model.device))
         context = StoredContext(tokens, out.past_key_values, out.latents, out.logits, out.latent_position_ids,
                                 out.next_position_ids)
