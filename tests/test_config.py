@@ -47,7 +47,7 @@ def test_configs_saved_before_latent_positions_existed_load_as_after():
 
 
 def test_latent_positions_default_follows_the_anchor_and_the_method():
-    assert CoprocessorConfig().latent_positions == "replay" and CoprocessorConfig().gate_init == 0.0
+    assert CoprocessorConfig().latent_positions == "overwrite" and CoprocessorConfig().gate_init == 0.0
     assert CoprocessorConfig(latent_anchor="none").latent_positions == "after"
     assert CoprocessorConfig(method="pause").latent_positions == "after"  # between prompt and answer
     assert CoprocessorConfig(latent_anchor="none", latent_positions="replay").latent_positions == "replay"

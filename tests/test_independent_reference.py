@@ -7,7 +7,7 @@ no part of the computation is an identity or a zero that could hide a wrong mask
 import pytest
 import torch
 from independent_reference import group_losses
-from tiny_models import FAMILIES, VOCAB, tiny_decoder
+from tiny_models import FAMILIES, VOCAB, appended, tiny_decoder
 
 from dca import AugmentedLM, CoprocessorConfig
 
@@ -17,7 +17,7 @@ MODES = ("grouped", "dense")
 
 
 def perturbed_model(family="llama", impl="eager", seed=0, **config):
-    config = {"num_latents": 3, "num_ahead": 4, "latent_anchor": "replay", "latent_scale": "gated", **config}
+    config = appended({"num_latents": 3, "num_ahead": 4, "latent_anchor": "replay", "latent_scale": "gated", **config})
     model = AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(**config)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, tiny_decoder
+from tiny_models import FAMILIES, VOCAB, appended, tiny_decoder
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.reference import sequential_group_losses
@@ -14,7 +14,7 @@ LAYOUTS = ("after", "shared", "replay")  # CoprocessorConfig.latent_positions
 
 def make_model(family="llama", impl="sdpa", **config):
     # gate 0.5, not the default 0: the coprocessor's output must reach the decoder in these tests
-    config = {"num_latents": 3, "num_ahead": 4, "gate_init": 0.5, **config}
+    config = appended({"num_latents": 3, "num_ahead": 4, "gate_init": 0.5, **config})
     return AugmentedLM.from_decoder(tiny_decoder(family, impl), CoprocessorConfig(**config)).eval()
 
 
@@ -338,7 +338,7 @@ def test_training_loss_rejects_positions_on_padding():
 
 def test_the_decoder_is_frozen_and_in_eval_mode_whatever_it_was():
     decoder = tiny_decoder("llama").train()
-    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2))
+    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, latent_positions="replay"))
     assert not decoder.training and not any(p.requires_grad for p in decoder.parameters())
     model.train()
     assert not decoder.training and model.coprocessor.training
@@ -372,7 +372,8 @@ def test_gradient_checkpointing_is_refused_not_silently_wrong():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_default_untrained_coprocessor_replays_the_last_tokens_at_their_own_positions(family):
     """Defaults (replay anchor and positions, gate 0): the latents are exactly x[t-N+1 .. t], re-read in place."""
-    model = AugmentedLM.from_decoder(tiny_decoder(family), CoprocessorConfig(num_latents=3, num_ahead=2)).eval()
+    model = AugmentedLM.from_decoder(tiny_decoder(family), CoprocessorConfig(num_latents=3, num_ahead=2,
+                                                                                latent_positions="replay")).eval()
     input_ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         out = model.augment(input_ids)

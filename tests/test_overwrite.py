@@ -143,9 +143,11 @@ def test_each_input_overwrite_cannot_use_is_refused_naming_it():
 def test_the_layout_is_saved_and_sampled_points_leave_room():
     config = CoprocessorConfig(num_latents=5, latent_positions="overwrite")
     assert CoprocessorConfig.from_dict(config.to_dict()) == config
-    assert (config.replaced_entries, config.positions_taken, CoprocessorConfig().replaced_entries) == (5, 0, 0)
+    replay = CoprocessorConfig(latent_positions="replay")
+    assert (config.replaced_entries, config.positions_taken, replay.replaced_entries) == (5, 0, 0)
     args = TrainArgs(seq_len=20, positions=15, coprocessor=config)  # t in [4, 18]
-    assert args.first_position() == 4 and TrainArgs().first_position() == 0
+    assert args.first_position() == 4 and TrainArgs(coprocessor=replay).first_position() == 0
+    assert TrainArgs().first_position() == 15  # the default: N = 16, "overwrite"
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -39,7 +39,8 @@ def padded_batch():
 def assert_same_augmentation(a, b, mask):
     torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-    real = torch.cat([mask, torch.ones(mask.shape[0], a.latents.shape[1], dtype=mask.dtype)], 1).bool()
+    real = a.attention_mask.bool()  # the cache's own mask: the prompt's (less what "overwrite" replaced), the latents
+    torch.testing.assert_close(a.attention_mask, b.attention_mask, rtol=0, atol=0)
     for x, y in zip(a.past_key_values.layers, b.past_key_values.layers, strict=True):
         assert x.keys.shape == y.keys.shape
         for row in range(mask.shape[0]):  # padded slots are never read, and eager attention fills them arbitrarily

@@ -127,6 +127,14 @@ def toy_model_and_corpus(root, docs: int = 400, pretrain_steps: int = 20) -> tup
     return save_tiny_model_dir(root / "model", pretrain_on=corpus, steps=pretrain_steps), corpus
 
 
+def appended(config: dict) -> dict:
+    """`config` with its latents appended at the replayed tokens' positions ("replay", the default before
+    "overwrite") where it would otherwise get the default "overwrite": for tests that insert latents at t < N-1."""
+    if config.get("method", "coprocessor") == "coprocessor" and config.get("latent_anchor", "replay") == "replay":
+        return {"latent_positions": "replay", **config}
+    return config
+
+
 def train_args(assets, out, **overrides):
     """`TrainArgs` of a short, fast run on `assets` (the `train_assets` fixture), with overrides."""
     from dca import CoprocessorConfig
@@ -148,7 +156,7 @@ def padded_batch(family: str, impl: str, config: dict, **overrides):
     from dca import AugmentedLM, CoprocessorConfig
 
     model = AugmentedLM.from_decoder(tiny_decoder(family, impl, **overrides), CoprocessorConfig(
-        num_latents=3, num_ahead=4, gate_init=0.5, **config))
+        **appended({"num_latents": 3, "num_ahead": 4, "gate_init": 0.5, **config})))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -131,7 +131,7 @@ class CoprocessorConfig:
     def __post_init__(self) -> None:
         if self.latent_positions is None:
             replaying = self.method == "coprocessor" and self.latent_anchor == "replay"
-            self.latent_positions = "replay" if replaying else "after"
+            self.latent_positions = "overwrite" if replaying else "after"
         check_int("num_latents", self.num_latents)
         check_int("num_ahead", self.num_ahead)
         for f in dataclasses.fields(self):

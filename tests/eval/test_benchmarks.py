@@ -228,7 +228,8 @@ def hand_loglikelihood(model, ctx, cont, augment):
     total = float(F.log_softmax(out.logits[0].float(), -1)[cont[0]])
     if len(cont) > 1:
         cache = copy.deepcopy(out.past_key_values)
-        mask = torch.ones(1, out.attention_mask.shape[1] + len(cont) - 1, dtype=torch.long)
+        # the cache's own mask: under "overwrite" a context shorter than N has latents masked like padding
+        mask = torch.cat([out.attention_mask, torch.ones(1, len(cont) - 1, dtype=torch.long)], dim=1)
         config = model.coprocessor.config  # the continuation resumes after the latents only if they take positions
         start = len(ctx) + (config.num_latents if config.latent_positions == "after" else 0)
         position_ids = torch.arange(start, start + len(cont) - 1)[None]

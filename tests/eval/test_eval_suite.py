@@ -28,8 +28,8 @@ def assets(tmp_path_factory):
     model_dir, corpus = toy_model_and_corpus(root)
     decoder, _ = load_model(model_dir)
     paths = []
-    for name, config in {"copro": CoprocessorConfig(num_latents=8, num_ahead=2),
-                         "pause": CoprocessorConfig(method="pause", num_latents=4, num_ahead=2)}.items():
+    for name, config in {"copro": CoprocessorConfig(num_latents=4, num_ahead=2),
+                         "pause": CoprocessorConfig(method="pause", num_latents=8, num_ahead=2)}.items():
         model = AugmentedLM.from_decoder(decoder, config)
         trained(model)
         paths.append(str(model.save_pretrained(root / name)))
@@ -44,11 +44,11 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["coprocessors"]["pause"]["method"] == "pause"
     text = (tmp_path / "eval.md").read_text()
-    assert ("| k | copro (N=8) | copro untrained | pause (N=4) | pause untrained | paper N=8 |" in text
+    assert ("| k | copro (N=4) | copro untrained | pause (N=8) | pause untrained | paper N=8 |" in text
             and "Reproduce:" in text)
     # each untrained column is the same configuration at initialisation, scored on the same points
     decoder, tokenizer = load_model(model_dir)
-    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, max(KS))
+    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, max(KS), min_position=3)  # copro's N-1
     for name, path in zip(("copro", "pause"), paths, strict=True):
         config = AugmentedLM.from_pretrained(path, decoder).coprocessor.config
         fresh = perplexity_by_position(AugmentedLM.from_decoder(decoder, config).eval(), seqs, positions, bootstrap=50)
@@ -123,7 +123,8 @@ def test_table1_with_late_latents_is_the_sequential_late_insertion(assets, tmp_p
     assert report["ks"] == [1, 2] and "latents 1 tokens late" in (tmp_path / "eval.md").read_text()
     decoder, tokenizer = load_model(model_dir)
     model = AugmentedLM.from_pretrained(paths[0], decoder)
-    seqs, positions = held_out_eval_set(tokenizer, corpus, args.held_out_fraction, 3, 40, 2, 2)
+    seqs, positions = held_out_eval_set(tokenizer, corpus, args.held_out_fraction, 3, 40, 2, 2,
+                                        min_position=model.coprocessor.config.first_position)
     with torch.no_grad():
         losses = torch.stack([sequential_group_losses(model, seqs[b : b + 1], t, delay=1)
                               for b in range(3) for t in positions[b].tolist()])

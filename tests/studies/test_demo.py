@@ -41,7 +41,7 @@ def test_demo_writes_the_report(assets, tmp_path):
     # the untrained column: the same configuration at initialisation, on the same held-out points
     decoder, tokenizer = load_model(model_dir)
     config = AugmentedLM.from_pretrained(adapter, decoder).coprocessor.config
-    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 2, 40, 2, max(KS))
+    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 2, 40, 2, max(KS), min_position=config.first_position)
     fresh = perplexity_by_position(AugmentedLM.from_decoder(decoder, config).eval(), seqs, positions)
     assert saved["held_out_untrained"]["rel_change"] == pytest.approx(fresh.rel_change, rel=1e-5, abs=1e-7)
     assert saved["held_out"]["rel_change"] != pytest.approx(fresh.rel_change, rel=1e-3)

@@ -152,8 +152,9 @@ def _setup(size: BenchSize, device: str, seed: int = 0):
     model.train()
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, size.vocab, (size.batch, size.seq_len), generator=generator).to(device)
-    positions = torch.stack([torch.randperm(size.seq_len - 1, generator=generator)[: size.positions].sort().values
-                             for _ in range(size.batch)]).to(device)
+    first = model.coprocessor.config.first_position  # "overwrite" (the default) needs t >= N-1
+    positions = torch.stack([torch.randperm(size.seq_len - 1 - first, generator=generator)[: size.positions].sort()
+                             .values + first for _ in range(size.batch)]).to(device)
     finetuned = AutoModelForCausalLM.from_config(size.decoder_config()).to(device).train() \
         if "finetune" in size.methods else None
     return model, finetuned, input_ids, positions

@@ -185,6 +185,8 @@ def coprocessor_config(kind: str, num_latents: int, num_ahead: int) -> tuple[Cop
     """(config, how it was made) for ``dca`` (the default), ``paper`` (the preset) or ``pause``."""
     if kind == "pause":
         return CoprocessorConfig(method="pause", num_latents=num_latents, num_ahead=num_ahead), "method='pause'"
-    if kind == "dca":
-        return CoprocessorConfig.dca(num_latents=num_latents, num_ahead=num_ahead), "CoprocessorConfig()"
+    if kind == "dca":  # dca's mapping with its latents appended ("replay", the default until "overwrite"): a task
+        # prompt may be shorter than N, and training "overwrite" needs N tokens before each insertion point
+        return (CoprocessorConfig.dca(num_latents=num_latents, num_ahead=num_ahead, latent_positions="replay"),
+                "CoprocessorConfig(latent_positions='replay')")
     return CoprocessorConfig.paper(num_latents=num_latents, num_ahead=num_ahead), "CoprocessorConfig.paper()"
