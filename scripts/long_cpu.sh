@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 11 item 7 without a GPU: the longest resumable CPU run that fits one session -- the default
-# coprocessor (LoRA 16, N = 16) against pause tokens (N = 16) on one budget (same data, order, steps),
+# Issue 11 item 7 without a GPU: the longest resumable CPU run that fits one session -- dca's coprocessor
+# (LoRA 16, N = 16; "replay", the default then, and "overwrite", the default since) against pause tokens (N = 16)
+# on one budget (same data, order, steps),
 # then Table 1 on the training corpus (wiki, its 5 % held-out split) and on a second, unlike corpus (owt, never
 # trained on: a 20 % split, since 5 % of it holds fewer than 64 sequences).
 #
@@ -28,10 +29,11 @@ run() {  # run NAME ARGS...: train unless its adapter exists
 
 # side by side, one thread each (logs beside the run folders); the paper preset (issue 11, item 1) at the same
 # budget was added a session later, and is scored on its own below (the base perplexities are the same)
-run default-n16 --lora-rank 16 > "$RUNS/default-n16.log" 2>&1 &
+run default-n16 --lora-rank 16 --latent-positions replay > "$RUNS/default-n16.log" 2>&1 &  # the default then
 run pause-n16 --method pause > "$RUNS/pause-n16.log" 2>&1 &
 run paper-n16 --preset paper --lora-rank 16 > "$RUNS/paper-n16.log" 2>&1 &
-wait -n && wait -n && wait -n
+run overwrite-n16 --lora-rank 16 --latent-positions overwrite > "$RUNS/overwrite-n16.log" 2>&1 &  # session 6
+wait
 # both corpora side by side; the untrained column is left out (init-study gives it for N = 16)
 for split in wiki:0.05 owt:0.2; do
   data=${split%:*}
@@ -50,4 +52,15 @@ for split in wiki:0.05 owt:0.2; do
     --coprocessors "$RUNS/paper-n16/adapter" \
     --sequences 64 --positions 8 --batch-size 16 --out "$REPORT/paper/$data" > "$RUNS/eval-paper-$data.log" 2>&1
 done
+# "overwrite" needs N tokens before each point: all four side by side at points t >= 15 (other points than above)
+for split in wiki:0.05 owt:0.2; do
+  data=${split%:*}
+  [[ -f $REPORT/overwrite/$data/eval.json ]] && continue
+  echo "== all four at t >= 15, eval on $data ($(date -u +%H:%M))"
+  $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" --no-untrained \
+    --coprocessors "$RUNS/overwrite-n16/adapter" "$RUNS/default-n16/adapter" "$RUNS/pause-n16/adapter" \
+    "$RUNS/paper-n16/adapter" --sequences 64 --positions 8 --batch-size 16 --out "$REPORT/overwrite/$data" \
+    > "$RUNS/eval-overwrite-$data.log" 2>&1 &
+done
+wait
 echo "== long-cpu done ($(date -u +%H:%M))"

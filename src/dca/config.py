@@ -17,7 +17,8 @@ with the trained adapter and can be measured rather than guessed:
 Two presets: `CoprocessorConfig.paper()` is the paper's literal method (latents are the coprocessor's
 final states after its final norm, written as they are at t+1 .. t+N, weights from the decoder);
 `CoprocessorConfig.dca()` is dca's own default (those states rescaled and gated on top of a replay
-of the last N prompt tokens, at those tokens' positions), chosen to start with less harm at step 0.
+of the last N prompt tokens, in place of those tokens' cache entries), chosen because an untrained one is
+exactly the frozen decoder.
 """
 
 from __future__ import annotations
@@ -96,12 +97,12 @@ class CoprocessorConfig:
             position of x[t-N+1+i], the token it replays under ``latent_anchor="replay"`` (so with
             a zero gate the latents are exact copies of the last N prompt tokens, at their own
             positions). Under "shared" and "replay" the text resumes at pos(t)+1: the latents take
-            N cache entries but no positions. Unset, it is ``"replay"`` for a coprocessor with the
-            replay anchor (what makes an untrained default coprocessor re-read its last tokens in place;
-            its step-0 harm is measured, not nil, in README, "Start without doing harm") and
-            ``"after"`` otherwise -- pause tokens sit between prompt and answer, as in the paper.
-            Configs saved before this field existed load as ``"after"``, what they were trained with.
-            ``"overwrite"`` (never the default): latent i at the position of x[t-N+1+i], as "replay", but its
+            N cache entries but no positions (an untrained "replay" coprocessor re-reads its last N tokens
+            in place: small harm, measured in README, "Start without doing harm"). Unset, it is
+            ``"overwrite"`` for a coprocessor with the replay anchor and ``"after"`` otherwise -- pause
+            tokens sit between prompt and answer, as in the paper. Configs saved before this field existed
+            load as ``"after"``, what they were trained with.
+            ``"overwrite"`` (the default): latent i at the position of x[t-N+1+i], as "replay", but its
             cache entry *replaces* that token's: the decoder sees x[0..t-N] and the N latents, never the
             originals of x[t-N+1 .. t], and the text resumes at pos(t)+1 (the coprocessor still reads all of
             x[0..t]). With the replay anchor and ``gate_init=0`` the latents are the embeddings of those tokens
@@ -126,7 +127,7 @@ class CoprocessorConfig:
     soft_token_init: str = field(default="vocab_mean", metadata=help_meta("soft tokens at start", SOFT_TOKEN_INITS))
     init_seed: int = field(default=0, metadata=help_meta("seeds soft tokens and scratch weights"))
     latent_positions: str | None = field(default=None, metadata=help_meta(
-        "position ids of latents (default: replay with the replay anchor, else after)", LATENT_POSITIONS))
+        "position ids of latents (default: overwrite with the replay anchor, else after)", LATENT_POSITIONS))
 
     def __post_init__(self) -> None:
         if self.latent_positions is None:
@@ -162,7 +163,7 @@ class CoprocessorConfig:
     @classmethod
     def dca(cls, **overrides: Any) -> CoprocessorConfig:
         """dca's default (our own choice, not the paper's): rescaled, gated latents added to a replay of the
-        last N prompt tokens at their own positions; the same as ``CoprocessorConfig(**overrides)``."""
+        last N prompt tokens, in place of their cache entries; the same as ``CoprocessorConfig(**overrides)``."""
         return cls(**overrides)
 
     @classmethod
