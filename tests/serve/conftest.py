@@ -29,7 +29,9 @@ def served_dirs(train_assets, tmp_path_factory):
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(model_dir)
     decoder = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, num_ahead=2, gate_init=1.0))
+    # appended latents ("replay"): they add cache slots, so the server's context accounting has something to refuse
+    model = AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=2, num_ahead=2, gate_init=1.0,
+                                                                latent_positions="replay"))
     model.save_pretrained(root / "coprocessor")
     return str(model_dir), str(root / "coprocessor")
 

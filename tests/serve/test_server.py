@@ -286,3 +286,20 @@ def test_draining_finishes_queued_work(served):
     for thread in threads:
         thread.join(30)
     assert len(results) == len(PROMPTS)  # every request answered although the server stopped meanwhile
+
+
+def test_latents_that_replace_prompt_entries_take_no_room():
+    from tiny_models import tiny_decoder
+
+    from dca import AugmentedLM, CoprocessorConfig
+    from dca.serve.loading import latent_slots
+
+    decoder = tiny_decoder("llama")
+    appended, replacing = (AugmentedLM.from_decoder(decoder, CoprocessorConfig(num_latents=4, latent_positions=layout))
+                           for layout in ("replay", "overwrite"))
+    assert [latent_slots(appended, n) for n in (1, 9)] == [4, 4]
+    assert [latent_slots(replacing, n) for n in (1, 4, 9)] == [3, 0, 0]  # a 1-token prompt is padded to 4 slots
+    assert latent_slots(AugmentedLM(decoder), 9) == 0
+    for length in (1, 9):  # what augment really leaves in the cache
+        out = replacing.augment(torch.randint(0, 50, (1, length)))
+        assert out.past_key_values.get_seq_length() == length + latent_slots(replacing, length)

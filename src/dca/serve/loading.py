@@ -34,6 +34,15 @@ def num_latents(model: AugmentedLM) -> int:
     return 0 if model.coprocessor is None else model.coprocessor.config.num_latents
 
 
+def latent_slots(model: AugmentedLM, prompt_length: int) -> int:
+    """Cache slots the latents add after a prompt of `prompt_length` tokens: N, less the prompt's entries they
+    replace under "overwrite" (a prompt shorter than N is left-padded to N, so it ends with N slots)."""
+    if model.coprocessor is None:
+        return 0
+    config = model.coprocessor.config
+    return config.num_latents - min(config.replaced_entries, prompt_length)
+
+
 def context_limit(model: AugmentedLM) -> int | None:
     """How many cache slots (prompt, latents and new tokens) the decoder can read; None if unlimited."""
     return position_limit(model.decoder.config)

@@ -29,7 +29,7 @@ from dca.config import help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.serve.batch import Row, Sampling
 from dca.serve.engine import Engine, Job, QueueFull, ShuttingDown
-from dca.serve.loading import chat_text, check_sources, context_limit, load_served, num_latents
+from dca.serve.loading import chat_text, check_sources, context_limit, latent_slots, load_served, num_latents
 from dca.serve.protocol import (
     AUGMENT_OPTIONS,
     CHAT_DEFAULT_MAX_TOKENS,
@@ -88,7 +88,6 @@ class Handler:
     def __init__(self, engine: Engine, name: str):
         self.engine, self.name = engine, name
         self.tokenizer = engine.tokenizer
-        self.latents = num_latents(engine.model)
         self.context = context_limit(engine.model)
         self.vocab = engine.model.decoder.get_input_embeddings().num_embeddings
 
@@ -117,13 +116,14 @@ class Handler:
     def rows(self, req: Request) -> tuple[list[Row], int]:
         """One row per prompt and choice, and the number of prompt tokens (counted once per prompt)."""
         prompts = self._prompt_ids(req)
-        latents = 0 if req.augment is False else self.latents
         param = "messages" if req.chat else "prompt"
         rows = []
         for ids in prompts:
+            latents = 0 if req.augment is False else latent_slots(self.engine.model, len(ids))
             room = None if self.context is None else self.context - len(ids) - latents
             if room is not None and room < 1:
-                raise RequestError(f"the prompt has {len(ids)} tokens and {latents} latents, which leaves no room "
+                raise RequestError(f"the prompt has {len(ids)} tokens and its latents add {latents} cache slots, "
+                                   f"which leaves no room "
                                    f"in the model's context of {self.context}: shorten it", param,
                                    "context_length_exceeded")
             max_tokens = req.max_tokens
@@ -131,8 +131,9 @@ class Handler:
                 max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if not req.chat else CHAT_DEFAULT_MAX_TOKENS
                 max_tokens = max_tokens if room is None else min(max_tokens, room)
             elif room is not None and max_tokens > room:
-                raise RequestError(f"max_tokens={max_tokens} with a prompt of {len(ids)} tokens and {latents} latents "
-                                   f"exceeds the model's context of {self.context} (at most {room} new tokens)",
+                raise RequestError(f"max_tokens={max_tokens} with a prompt of {len(ids)} tokens and {latents} "
+                                   f"latent slots exceeds the model's context of {self.context} "
+                                   f"(at most {room} new tokens)",
                                    "max_tokens", "context_length_exceeded")
             for j in range(req.n):
                 seed = None if req.seed is None else (req.seed + j) % 2 ** 64
@@ -247,7 +248,7 @@ def create_app(engine: Engine, name: str, default_augment: Any = True):
     @app.get("/health")
     async def health():
         return {"status": "draining" if engine.stopping else "ok", "model": name, "queued": engine.queued(),
-                "coprocessor_latents": handler.latents, **engine.stats}
+                "coprocessor_latents": num_latents(engine.model), **engine.stats}
 
     return app
 
