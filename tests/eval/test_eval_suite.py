@@ -45,7 +45,7 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     assert saved["coprocessors"]["pause"]["method"] == "pause"
     text = (tmp_path / "eval.md").read_text()
     assert ("| k | copro (N=4) | copro untrained | pause (N=8) | pause untrained | paper N=8 |" in text
-            and "Reproduce:" in text)
+            and "Reproduce:" in text and "6 augmentation points at t >= 3;" in text)  # copro replaces 4 tokens
     # each untrained column is the same configuration at initialisation, scored on the same points
     decoder, tokenizer = load_model(model_dir)
     seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, max(KS), min_position=3)  # copro's N-1

@@ -36,8 +36,9 @@ def test_demo_writes_the_report(assets, tmp_path):
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["held_out"]["ks"] == [1, 2, 4, 8, 16, 32] and len(saved["held_out"]["rel_change"]) == 6
     assert saved["live_training"]["last"]["step"] == 2
-    assert "| k | base ppl | trained | 95% CI | untrained (step 0) | 95% CI |" in (
-        tmp_path / "report" / "report.md").read_text()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| k | base ppl | trained | 95% CI | untrained (step 0) | 95% CI |" in text
+    assert "4 augmentation points at t >= 1." in text  # "overwrite" with N = 2
     # the untrained column: the same configuration at initialisation, on the same held-out points
     decoder, tokenizer = load_model(model_dir)
     config = AugmentedLM.from_pretrained(adapter, decoder).coprocessor.config

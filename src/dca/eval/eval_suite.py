@@ -189,7 +189,8 @@ def run_eval(args: EvalArgs) -> dict:
         untrained_note = (" *Untrained* is the same configuration at initialisation (same init_seed): what the "
                           "latent mapping does before training." if untrained else "")
         sections.append(f"## Perplexity by position (Table 1 protocol)\n\n{len(seqs)} held-out sequences of "
-                        f"{args.seq_len} tokens, {positions.numel()} augmentation points{late}; relative change of "
+                        f"{args.seq_len} tokens, {positions.numel()} augmentation points"
+                        f"{f' at t >= {first}' if first else ''}{late}; relative change of "
                         f"the k-th token's perplexity, 95% bootstrap interval over sequences."
                         f"{untrained_note}\n\n"
                         f"{table1_markdown(reports, latents, untrained)}\n\n![](ppl_by_position.png)\n")

@@ -119,7 +119,8 @@ def run_demo(args: DemoArgs) -> dict:
     config = model.coprocessor.config
     print(f"      coprocessor {args.coprocessor}: N={config.num_latents} latents, "
           f"{'LoRA r' + str(config.lora_rank) if config.uses_lora else config.init}; evaluating "
-          f"{len(seqs)} x {args.seq_len} held-out tokens at {positions.numel()} augmentation points", flush=True)
+          f"{len(seqs)} x {args.seq_len} held-out tokens at {positions.numel()} augmentation points"
+          f"{f' (t >= {first})' if first else ''}", flush=True)
     report = perplexity_by_position(model, seqs, positions, progress=True)
     untrained = perplexity_by_position(untrained_like(model), seqs, positions, progress=True)
     table = trained_vs_untrained_markdown(report, untrained)
@@ -157,7 +158,8 @@ def run_demo(args: DemoArgs) -> dict:
     write_file(out / "report.md",
         f"# dca demo: {args.model}, held-out {args.data}\n\n"
         f"Coprocessor `{args.coprocessor}` (N={config.num_latents}); {len(seqs)} held-out sequences of "
-        f"{args.seq_len} tokens, {positions.numel()} augmentation points. Relative perplexity change; negative = "
+        f"{args.seq_len} tokens, {positions.numel()} augmentation points{f' at t >= {first}' if first else ''}. "
+        f"Relative perplexity change; negative = "
         f"augmentation helps. *Untrained* is the same configuration at initialisation (same init_seed): what "
         f"the latent mapping does before training.\n\n"
         f"{table}\n\n![](ppl_by_position.png)\n\n"
