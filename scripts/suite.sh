@@ -7,6 +7,9 @@
 # Resumable: run it again and finished runs are skipped, interrupted ones resume from their checkpoint.
 # Sized by STEPS (optimiser steps per run, default 250) and LIMIT (items per benchmark, default 250);
 # meant for a GPU (bf16 autocast), works anywhere. DCA="python -m dca.cli" overrides the command.
+# PRESET=paper trains every coprocessor as the paper's literal method (issue 11; pause tokens are unchanged) and
+# SEED another data order and other insertion points: give each its own folders, e.g.
+#   PRESET=paper SEED=1 scripts/suite.sh runs/suite-paper-s1 results/suite-paper-s1
 set -euo pipefail
 RUNS=${1:-runs/suite}
 REPORT=${2:-results/suite}
@@ -15,11 +18,13 @@ STEPS=${STEPS:-250}
 LIMIT=${LIMIT:-250}
 GSM8K_LIMIT=${GSM8K_LIMIT:-200}
 MODEL=${MODEL:-smollm2-135m}
+PRESET=${PRESET:-dca}
+SEED=${SEED:-0}
 mkdir -p "$RUNS" "$REPORT"
 
 # One budget for all: 16 sequences x 256 tokens per step, 16 augmentation points per sequence.
 COMMON=(--model "$MODEL" --data wiki --seq-len 256 --positions 16 --batch-size 16 --steps "$STEPS"
-        --warmup-steps 25 --eval-every "$STEPS" --eval-sequences 64 --save-every 50 --no-progress)
+        --warmup-steps 25 --eval-every "$STEPS" --eval-sequences 64 --save-every 50 --no-progress --seed "$SEED")
 
 run() {  # run NAME ARGS...: train unless its adapter exists
   local name=$1; shift
@@ -39,7 +44,7 @@ score() {  # score REPORT_NAME RUN_NAMES...: Table 1 and the multiple-choice ben
     || echo "== eval $name: FAILED"
 }
 
-LORA=(--lora-rank 16 --lr 1e-3)
+LORA=(--preset "$PRESET" --lora-rank 16 --lr 1e-3)
 # Latent sweep (Tables 1-2) and the pause-token baseline at the same latent count (Table 3)
 run lora16-n16 "${LORA[@]}" --num-latents 16 --num-ahead 16
 run pause-n16 --method pause --lr 1e-3 --num-latents 16 --num-ahead 16
@@ -48,9 +53,9 @@ run lora16-n64 "${LORA[@]}" --num-latents 64 --num-ahead 16
 score latents lora16-n4 lora16-n16 lora16-n64 pause-n16
 
 # Coprocessor training (Table 5) and ahead tokens (Table 6), all at 16 latents
-run full-n16 --lr 1e-4 --num-latents 16 --num-ahead 16
-run lora64-n16 --lora-rank 64 --lr 1e-3 --num-latents 16 --num-ahead 16
-run scratch-n16 --init scratch --lr 3e-4 --num-latents 16 --num-ahead 16
+run full-n16 --preset "$PRESET" --lr 1e-4 --num-latents 16 --num-ahead 16
+run lora64-n16 --preset "$PRESET" --lora-rank 64 --lr 1e-3 --num-latents 16 --num-ahead 16
+run scratch-n16 --preset "$PRESET" --init scratch --lr 3e-4 --num-latents 16 --num-ahead 16
 run lora16-n16-a4 "${LORA[@]}" --num-latents 16 --num-ahead 4
 score variants lora16-n16 full-n16 lora64-n16 scratch-n16 lora16-n16-a4
 
