@@ -182,7 +182,7 @@ def score(generate: Callable[..., torch.Tensor], tokenizer: Tokenizer, examples:
 
 
 def coprocessor_config(kind: str, num_latents: int, num_ahead: int) -> tuple[CoprocessorConfig, str]:
-    """(config, how it was made) for ``dca`` (the default), ``paper`` (the preset) or ``pause``."""
+    """(config, how it was made) for ``dca`` (dca's mapping, latents appended), ``paper`` (the preset) or ``pause``."""
     if kind == "pause":
         return CoprocessorConfig(method="pause", num_latents=num_latents, num_ahead=num_ahead), "method='pause'"
     if kind == "dca":  # dca's mapping with its latents appended ("replay", the default until "overwrite"): a task
