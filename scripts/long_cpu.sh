@@ -29,10 +29,10 @@ run() {  # run NAME ARGS...: train unless its adapter exists
 
 # side by side, one thread each (logs beside the run folders); the paper preset (issue 11, item 1) at the same
 # budget was added a session later, and is scored on its own below (the base perplexities are the same)
-run default-n16 --lora-rank 16 --latent-positions replay > "$RUNS/default-n16.log" 2>&1 &  # the default then
-run pause-n16 --method pause > "$RUNS/pause-n16.log" 2>&1 &
-run paper-n16 --preset paper --lora-rank 16 > "$RUNS/paper-n16.log" 2>&1 &
-run overwrite-n16 --lora-rank 16 --latent-positions overwrite > "$RUNS/overwrite-n16.log" 2>&1 &  # session 6
+run default-n16 --lora-rank 16 --latent-positions replay >> "$RUNS/default-n16.log" 2>&1 &  # the default then
+run pause-n16 --method pause >> "$RUNS/pause-n16.log" 2>&1 &
+run paper-n16 --preset paper --lora-rank 16 >> "$RUNS/paper-n16.log" 2>&1 &
+run overwrite-n16 --lora-rank 16 --latent-positions overwrite >> "$RUNS/overwrite-n16.log" 2>&1 &  # session 6
 wait
 # both corpora side by side; the untrained column is left out (init-study gives it for N = 16)
 for split in wiki:0.05 owt:0.2; do
