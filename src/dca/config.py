@@ -186,6 +186,11 @@ class CoprocessorConfig:
         """Prompt cache entries the latents replace (the last N under "overwrite"): the cache grows by N minus this."""
         return self.num_latents if self.latent_positions == "overwrite" else 0
 
+    def kept_entries(self, prompt_length: int) -> int:
+        """Prompt cache entries that stay when the latents are written after `prompt_length` tokens: all, less the
+        last N under "overwrite" (none of a prompt shorter than N, which is left-padded to N)."""
+        return max(prompt_length - self.replaced_entries, 0)
+
     @property
     def first_position(self) -> int:
         """The earliest insertion point t this layout takes: N-1 under "overwrite" (N tokens to replace), else 0."""

@@ -369,8 +369,7 @@ class AugmentedLM(nn.Module):
                                          generation_config=generation_config, **generate_kwargs)
         check_own_arguments(generate_kwargs)
         input_ids, attention_mask = check_batch(input_ids, attention_mask, self._vocab_size)
-        n, replaced = self.coprocessor.config.num_latents, self.coprocessor.config.replaced_entries
-        kept = max(input_ids.shape[1] - replaced, 0)  # prompt tokens whose entries stay in the cache
+        n, kept = self.coprocessor.config.num_latents, self.coprocessor.config.kept_entries(input_ids.shape[1])
         call = generate_arguments(self.decoder, generation_config, generate_kwargs, kept + n, input_ids.shape[1])
         # the prompt's cache without the latents: generate writes them itself, as its first step, whose logits give
         # the first token (writing them here would cost a pass, and generate would still have to rerun the last one)

@@ -15,7 +15,7 @@ class AugmentOutput:
     past_key_values: DynamicCache  # the prompt (without its last N tokens under "overwrite") followed by the N latents
     logits: torch.Tensor  # [B, vocab]: the decoder's next-token logits after the last latent
     latents: torch.Tensor  # [B, N, hidden]: what was written into the cache
-    attention_mask: torch.Tensor  # [B, L + N] (L under "overwrite"): the cache's mask, latents included
+    attention_mask: torch.Tensor  # [B, L + N] (max(L, N) under "overwrite"): the cache's mask, latents included
     next_position_ids: torch.Tensor  # [B, 1]: position id of the first token after the latents
     latent_position_ids: torch.Tensor  # [B, N]: the latents' position ids
 

@@ -51,8 +51,7 @@ def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor
     the latents replace the entries of the last N tokens of `text`: only x[0..s-N] is read first, and with fewer
     than N tokens only the last `len(text)` latents are written (one per token they replace)."""
     config = model.coprocessor.config
-    n, length = config.num_latents, text.shape[1]
-    kept = max(length - config.replaced_entries, 0)
+    n, length, kept = config.num_latents, text.shape[1], config.kept_entries(text.shape[1])
     if config.replaced_entries and length < n:
         latents = latents[:, n - length :]
     cache = DynamicCache()

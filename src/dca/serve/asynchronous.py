@@ -199,7 +199,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                 embeds = embeds + anchor.to(embeds.dtype)
             position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout)
             if replaced:  # "overwrite": the latents take the entries of x[s-N+1 .. s]; x[s] (pending) never enters
-                kept = max(text_mask.shape[1] - replaced, 0)
+                kept = coprocessor.config.kept_entries(text_mask.shape[1])
                 if mask.shape[1] > kept:
                     cache.crop(kept - mask.shape[1])  # transformers' crop takes the number of entries to drop
                 # with fewer than N tokens, the latents that would replace none are masked (as augment does)

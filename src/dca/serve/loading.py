@@ -40,7 +40,7 @@ def latent_slots(model: AugmentedLM, prompt_length: int) -> int:
     if model.coprocessor is None:
         return 0
     config = model.coprocessor.config
-    return config.num_latents - min(config.replaced_entries, prompt_length)
+    return config.kept_entries(prompt_length) + config.num_latents - prompt_length
 
 
 def context_limit(model: AugmentedLM) -> int | None:

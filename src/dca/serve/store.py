@@ -185,7 +185,7 @@ class ContextStore:
         n, layers = meta["num_latents"], meta["num_layers"]
         expected = ({"latents", "logits", "latent_position_ids", "next_position_ids"}
                     | {f"{kind}.{i}" for kind in ("keys", "values") for i in range(layers)})
-        entries = tokens.numel() + n - model.coprocessor.config.replaced_entries  # "overwrite": fewer
+        entries = model.coprocessor.config.kept_entries(tokens.numel()) + n  # "overwrite": the last N replaced
         if set(tensors) != expected or any(tensors[f"keys.{i}"].shape[-2] != entries for i in range(layers)):
             raise StoreError(f"{path / TENSORS_NAME} does not hold a stored context of {tokens.numel()} tokens and "
                              f"{n} latents")
@@ -263,7 +263,7 @@ def generate_with_store(model: AugmentedLM, store: str | Path | ContextStore, in
     if context is None:
         return model.generate(input_ids, attention_mask, generation_config=generation_config, **generate_kwargs)
     n, length = context.latents.shape[1], context.tokens.numel()
-    kept = length - model.coprocessor.config.replaced_entries  # "overwrite": the latents took the last entries
+    kept = model.coprocessor.config.kept_entries(length)  # "overwrite": the latents took the last entries
     rest = input_ids[:, length:]
     next_pos = context.next_position_ids + torch.arange(rest.shape[1], device=input_ids.device)
     check_context(model.decoder.config, "generate: the stored document, its latents and the rest of the prompt",
