@@ -36,19 +36,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mutation_points import Mutator
+
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("masks.py", "model.py", "coprocessor.py")
 OUT = REPO / "results" / "mutation"
 SCRATCH = Path(os.environ.get("DCA_MUTATION_SCRATCH", "/tmp/dca-mutation"))
-SWAPS = {
-    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
-    ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd, ast.MatMult: ast.Mult,
-    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
-    ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And,
-}
-FLOAT32 = {"float32", "float"}  # `dtype=torch.float32`: no difference in float32; `dtype=torch.bool` is logic
-# dca.inputs' checks take a `what` that appears only in their errors: (function, its position)
-MESSAGE_ARGUMENTS = {"check_context": 1, "check_positions": 2}
 
 
 @dataclass
@@ -67,163 +60,13 @@ class Mutant:
     killed_by: str = ""
 
 
-class _Mutator(ast.NodeTransformer):
-    """Visits every mutation point in a fixed order; mutates only point `target` (or none, when listing)."""
-
-    def __init__(self, target: int = -1):
-        self.target, self.count, self.points = target, 0, []
-        self.context: list[str] = []  # "message", "device_dtype"
-
-    def _point(self, node: ast.AST, operator: str, make) -> ast.AST:
-        index, self.count = self.count, self.count + 1
-        if self.target == -1:
-            self.points.append((index, node, operator, self._category(node)))
-            return node
-        if index != self.target:
-            return node
-        return make()
-
-    def _category(self, node: ast.AST) -> str:
-        """What the issue leaves out of the target: mutants that can only change message text, and device/dtype
-        arguments that make no difference on a CPU in float32. Everything else is "logic", equivalent or not."""
-        if "message" in self.context:
-            return "message"
-        if "device_dtype" in self.context:  # inside the arguments of `.to(...)`
-            return "device_dtype"
-        if isinstance(node, ast.keyword) and node.arg in ("device", "devices"):  # one device, or fork_rng's list
-            return "device_dtype"
-        if isinstance(node, ast.keyword) and node.arg == "dtype":  # unless it names another dtype than float32
-            named = ast.unparse(node.value)
-            return "logic" if named.startswith("torch.") and named[6:] not in FLOAT32 else "device_dtype"
-        return "logic"
-
-    def _visit_as(self, node: ast.AST, tag: str) -> ast.AST:
-        self.context.append(tag)
-        try:
-            return self.visit(node)
-        finally:
-            self.context.pop()
-
-    # statements and contexts ------------------------------------------------------------------
-    def visit_Module(self, node):
-        if ast.get_docstring(node) is not None:
-            node.body = node.body[1:]
-        return self.generic_visit(node)
-
-    def visit_FunctionDef(self, node):
-        node.returns = None  # annotations are strings under `from __future__ import annotations`: never mutated
-        for arg in [*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs]:
-            arg.annotation = None
-        if ast.get_docstring(node) is not None:
-            node.body = node.body[1:] or [ast.Pass()]
-        return self.generic_visit(node)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def visit_ClassDef(self, node):
-        if ast.get_docstring(node) is not None:
-            node.body = node.body[1:] or [ast.Pass()]
-        return self.generic_visit(node)
-
-    def visit_AnnAssign(self, node):
-        if node.value is None:
-            return node  # a dataclass field declaration: nothing to run
-        node.value = self.visit(node.value)
-        return node
-
-    def visit_Raise(self, node):  # an error's type and text
-        self.context.append("message")
-        try:
-            return self.generic_visit(node)
-        finally:
-            self.context.pop()
-
-    def visit_Expr(self, node):
-        if isinstance(node.value, ast.Call):
-            func = node.value.func
-            moves = isinstance(func, ast.Attribute) and func.attr == "to"  # `x.to(device=..., dtype=...)` alone
-            self.context.append("device_dtype" if moves else "")
-            try:
-                mutated = self._point(node, "statement removed", lambda: ast.Pass())
-            finally:
-                self.context.pop()
-            if mutated is not node:
-                return mutated
-        return self.generic_visit(node)
-
-    def visit_Call(self, node):
-        kept = []
-        for kw in node.keywords:
-            if kw.arg is None or self._point(kw, f"keyword {kw.arg}= dropped", lambda: None) is not None:
-                kept.append(kw)
-        node.keywords = kept
-        func = node.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-        if name == "to":  # its receiver is logic, its arguments a device or dtype
-            node.func = self.visit(func)
-            node.args = [self._visit_as(arg, "device_dtype") for arg in node.args]
-            node.keywords = [self._visit_as(kw, "device_dtype") for kw in node.keywords]
-            return node
-        if name in MESSAGE_ARGUMENTS:
-            node.func = self.visit(func)
-            message = MESSAGE_ARGUMENTS[name]
-            node.args = [self._visit_as(arg, "message") if i == message else self.visit(arg)
-                         for i, arg in enumerate(node.args)]
-            node.keywords = [self._visit_as(kw, "message") if kw.arg == "what" else self.visit(kw)
-                             for kw in node.keywords]
-            return node
-        return self.generic_visit(node)
-
-    # expressions ------------------------------------------------------------------------------
-    def _swap(self, node, op_attr: str):
-        op = getattr(node, op_attr)
-        if type(op) in SWAPS:
-            new = SWAPS[type(op)]()
-            self._point(node, f"{type(op).__name__} -> {type(new).__name__}", lambda: setattr(node, op_attr, new))
-        return self.generic_visit(node)
-
-    def visit_BinOp(self, node):
-        return self._swap(node, "op")
-
-    def visit_AugAssign(self, node):
-        return self._swap(node, "op")
-
-    def visit_BoolOp(self, node):
-        return self._swap(node, "op")
-
-    def visit_Compare(self, node):
-        for i, op in enumerate(node.ops):
-            if type(op) in SWAPS:
-                def make(i=i, op=op):
-                    node.ops[i] = SWAPS[type(op)]()
-                self._point(node, f"{type(op).__name__} -> {SWAPS[type(op)].__name__}", make)
-        return self.generic_visit(node)
-
-    def visit_UnaryOp(self, node):
-        if isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
-            replaced = self._point(node, f"{type(node.op).__name__} removed", lambda: node.operand)
-            if replaced is not node:
-                return self.generic_visit(replaced) if isinstance(replaced, ast.AST) else replaced
-        return self.generic_visit(node)
-
-    def visit_Constant(self, node):
-        value = node.value
-        if isinstance(value, bool):
-            return self._point(node, f"{value} -> {not value}", lambda: ast.Constant(not value))
-        if isinstance(value, (int, float)):
-            return self._point(node, f"{value!r} -> {value + 1!r}", lambda: ast.Constant(value + 1))
-        if isinstance(value, str) and value:
-            return self._point(node, "string changed", lambda: ast.Constant(f"XX{value}XX"))
-        return node
-
-
 def _module_source(module: str) -> str:
     return (SCRATCH / "base" / "src" / "dca" / module).read_text()
 
 
 def enumerate_mutants(module: str) -> list[Mutant]:
     source = _module_source(module)
-    lister = _Mutator()
+    lister = Mutator()
     lister.visit(ast.parse(source))
     mutants = []
     for index, node, operator, category in lister.points:
@@ -234,7 +77,7 @@ def enumerate_mutants(module: str) -> list[Mutant]:
 
 
 def mutated_source(module: str, index: int) -> str:
-    tree = _Mutator(target=index).visit(ast.parse(_module_source(module)))
+    tree = Mutator(target=index).visit(ast.parse(_module_source(module)))
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
@@ -321,6 +164,17 @@ def _write_file():
     return module.write_file
 
 
+def changed_lines(module: str, since: str, commit: str) -> set[int]:
+    """Lines of src/dca/<module> at `commit` that were added or changed after `since` (all, for a new file)."""
+    diff = subprocess.run(["git", "diff", "-U0", since, commit, "--", f"src/dca/{module}"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+    lines: set[int] = set()
+    for hunk in (line for line in diff.splitlines() if line.startswith("@@")):
+        start, _, count = hunk.split()[2][1:].partition(",")
+        lines.update(range(int(start), int(start) + int(count or 1)))
+    return lines
+
+
 def run(args: argparse.Namespace) -> None:
     write_file = _write_file()
     import peft  # noqa: F401 -- imported once here, inherited by every forked child
@@ -329,7 +183,10 @@ def run(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM  # noqa: F401
 
     commit = _snapshot(args.extra, args.commit)
-    mutants = [m for module in MODULES for m in enumerate_mutants(module)]
+    mutants = [m for module in args.modules for m in enumerate_mutants(module)]
+    if args.changed_since:  # only the code written since: a mutant whose line is new or edited
+        changed = {module: changed_lines(module, args.changed_since, commit) for module in args.modules}
+        mutants = [m for m in mutants if m.line in changed[m.module]]
     if args.only_survivors_of:
         previous = json.loads((OUT / f"{args.only_survivors_of}.json").read_text())
         def survived(m):
@@ -373,7 +230,8 @@ def run(args: argparse.Namespace) -> None:
     timeout = max(3 * baseline, baseline + 60)  # CPU seconds
     result = {"command": "python scripts/mutation.py " + " ".join(sys.argv[1:]), "commit": commit,
               "tests": args.tests, "baseline_seconds": baseline, "timeout_seconds": timeout,
-              "extra_files": args.extra, "sample_seed": args.seed, "carried_over": killed_before,
+              "extra_files": args.extra, "sample_seed": args.seed, "modules": list(args.modules),
+              "changed_since": args.changed_since, "carried_over": killed_before,
               "mutants": previous_rows,
               "skipped_categories": args.skip_categories, "skipped": [asdict(m) for m in skipped]}
     # a survivor of --tests goes straight on to --then-tests (which should list its new tests first)
@@ -429,7 +287,7 @@ def summarise(result: dict) -> dict:
     def after(m):
         return before(m) or m.get("status_after") not in ("survived", "")
 
-    for scope in (*MODULES, "all"):
+    for scope in (*result.get("modules", MODULES), "all"):
         chosen = [m for m in rows if scope in ("all", m["module"])]
         logic = [m for m in chosen if m["category"] == "logic"]
         entry = {"mutants": len(chosen), "logic_mutants": len(logic)}
@@ -443,8 +301,10 @@ def summarise(result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list")
+    lister = sub.add_parser("list")
     runner = sub.add_parser("run")
+    for command in (lister, runner):
+        command.add_argument("--modules", nargs="+", default=list(MODULES), help="files under src/dca to mutate")
     runner.add_argument("--label", required=True)
     runner.add_argument("--tests", nargs="+", required=True)
     runner.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this many mutants")
@@ -457,6 +317,8 @@ def main() -> None:
     runner.add_argument("--jobs", type=int, default=1, help="mutants tested at once (each a forked process)")
     runner.add_argument("--commit", default="HEAD", help="the committed tree to mutate and test")
     runner.add_argument("--extra", nargs="*", default=[], help="working-tree files added to the committed tree")
+    runner.add_argument("--changed-since", default=None, help="only mutants on lines added or changed after this "
+                        "revision (code written since an earlier run)")
     runner.add_argument("--only-survivors-of", default=None, help="rerun only the survivors of an earlier label")
     runner.add_argument("--map", nargs="*", default=[], help="OLD=NEW: a survivor's id at --commit where its "
                         "module, line, operator and code do not find it; OLD=- where an edit removed it (it then "
@@ -464,7 +326,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "list":
         _snapshot([])
-        for module in MODULES:
+        for module in args.modules:
             mutants = enumerate_mutants(module)
             by_category = {c: sum(m.category == c for m in mutants) for c in ("logic", "message", "device_dtype")}
             print(module, len(mutants), by_category)

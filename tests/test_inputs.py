@@ -148,3 +148,22 @@ def test_a_row_without_real_tokens_is_refused(entry):
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1] = 0  # the other row is fine: one empty row is enough to refuse
     refuses(make_model(), entry, "every row needs at least one real token", torch.ones(2, 6, dtype=torch.long), mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_asynchronous_generation_counts_only_the_slots_the_latents_add(family):
+    """Latents that replace the last N entries ("overwrite") add no cache slots; appended ones add N."""
+    def generate_async(model, length):
+        return model.generate(torch.ones(1, length, dtype=torch.long), max_new_tokens=2, pad_token_id=0,
+                              augment="async")
+    replay = make_model(family, latent_positions="replay", latent_anchor="replay")
+    overwrite = make_model(family, latent_positions="overwrite", latent_anchor="replay")
+    for model in (replay, overwrite):
+        model.decoder.config.max_position_embeddings = 16
+    with pytest.raises(ValueError, match="fill 17 cache slots"):
+        generate_async(replay, 12)
+    assert generate_async(replay, 11).shape == (1, 13)
+    # under "overwrite" the prompt and the new tokens are all there is: only the position table limits them
+    with pytest.raises(ValueError, match="need position id 16"):
+        generate_async(overwrite, 15)
+    assert generate_async(overwrite, 14).shape == (1, 16)

@@ -61,6 +61,34 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     assert (tmp_path / "ppl_by_position.png").stat().st_size > 1000
 
 
+def test_min_position_and_point_seed_choose_the_points(assets, tmp_path):
+    from dca.errors import ArgumentError
+
+    model_dir, corpus, paths = assets
+    args = EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
+                    ks=[1, 2], min_position=20, point_seed=7, bootstrap=20, untrained=False, out=str(tmp_path))
+    report = run_eval(args)["table1"]["copro"]
+    assert "6 augmentation points at t >= 20;" in (tmp_path / "eval.md").read_text()
+    decoder, tokenizer = load_model(model_dir)
+    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, 2, seed=7, min_position=20)
+    assert positions.min() >= 20
+    assert not torch.equal(positions, held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, 2, min_position=20)[1])
+    expected = perplexity_by_position(AugmentedLM.from_pretrained(paths[0], decoder), seqs, positions, (1, 2),
+                                      bootstrap=20)
+    assert report["rel_change"] == pytest.approx(expected.rel_change, rel=1e-5, abs=1e-7)
+    # below the coprocessor's own earliest point (N - 1 = 3) it is raised, not refused
+    low = EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
+                   min_position=1, bootstrap=20, untrained=False, out=str(tmp_path / "low"))
+    run_eval(low)
+    assert "at t >= 3;" in (tmp_path / "low" / "eval.md").read_text()
+    # too late a point for the sequence length is refused before anything is loaded
+    with pytest.raises(ArgumentError, match="seq_len"):
+        EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
+                 ks=[1, 2], min_position=37, out=str(tmp_path / "late")).check_sources()
+    with pytest.raises(ArgumentError, match="point_seed"):
+        EvalArgs(coprocessors=paths[:1], point_seed=-1)
+
+
 def _synthetic_eval(latents: dict[str, tuple[str, int]]) -> dict:
     correct = {"acc": [True, False, True, True]}
     row = {"metrics": ["acc"], "base": {"correct": correct}} | {name: {"correct": correct} for name in latents}

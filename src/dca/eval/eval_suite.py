@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from dca.adapter import read_adapter_config
 from dca.atomic import write_file
 from dca.checks import (
     check_coprocessor,
@@ -55,6 +56,10 @@ class EvalArgs:
     sequences: int = field(default=32, metadata=help_meta("held-out sequences (0 skips Table 1)"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per held-out sequence"))
     positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
+    min_position: int = field(default=0, metadata=help_meta(
+        "earliest augmentation point t; raised to what every coprocessor needs (overwrite: N-1)"))
+    point_seed: int = field(default=12345, metadata=help_meta(
+        "seed of the augmentation points (another seed, another draw of points on the same sequences)"))
     ks: list[int] = field(default_factory=lambda: list(KS), metadata=help_meta("distances k of Table 1"))
     latent_delay: int = field(default=0, metadata=help_meta(
         "Table 1 with latents arriving this many tokens late (asynchronous augmentation): computed from x[0..t], "
@@ -78,6 +83,8 @@ class EvalArgs:
         check_int("seq_len", self.seq_len, minimum=2)
         check_int("seed", self.seed, minimum=0)
         check_int("latent_delay", self.latent_delay, minimum=0)
+        check_int("min_position", self.min_position, minimum=0)
+        check_int("point_seed", self.point_seed, minimum=0)
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise ArgumentError("ks", f"must be distances >= 1, got {self.ks}")
         if self.latent_delay >= max(self.ks):
@@ -97,8 +104,12 @@ class EvalArgs:
 
     def check_sources(self) -> None:
         """The model, the data, every coprocessor folder and the report folder (cheap: nothing is loaded)."""
-        for path in self.coprocessors:
-            check_coprocessor("coprocessors", path)
+        firsts = [read_adapter_config(check_coprocessor("coprocessors", path))["coprocessor"].first_position
+                  for path in self.coprocessors]
+        first = max([self.min_position, *firsts])
+        if self.sequences and first + max(self.ks) + self.positions > self.seq_len:
+            raise ArgumentError("seq_len", f"({self.seq_len}) leaves fewer than positions={self.positions} points "
+                                f"t >= {first} (the coprocessors' earliest) with t + {max(self.ks)} inside it")
         check_model_source("model", self.model)
         if self.sequences:
             check_data_source("data", self.data)
@@ -164,9 +175,10 @@ def run_eval(args: EvalArgs) -> dict:
 
     if args.sequences > 0:
         # latents that replace the last N tokens' entries ("overwrite") need t >= N-1: every model gets those points
-        first = max((m.coprocessor.config.first_position for m in models.values()), default=0)
+        first = max([args.min_position, *(m.coprocessor.config.first_position for m in models.values())])
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
-                                            args.seq_len, args.positions, max(args.ks), min_position=first)
+                                            args.seq_len, args.positions, max(args.ks), seed=args.point_seed,
+                                            min_position=first)
         reports = {name: perplexity_by_position(m, seqs, positions, tuple(args.ks), batch_size=args.batch_size,
                                                 bootstrap=args.bootstrap, progress=True,
                                                 latent_delay=args.latent_delay)
