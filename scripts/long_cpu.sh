@@ -7,6 +7,7 @@
 #
 #   OMP_NUM_THREADS=1 nohup scripts/long_cpu.sh > runs/long-cpu.log 2>&1 &
 #
+# It ends with the overwrite run and pause tokens again at four times the budget (1200 steps, in RUNS-1200).
 # Resumable: run it again and finished runs are skipped, interrupted ones resume from their checkpoint.
 # bf16 autocast on the CPU (AVX-512 bf16); one thread, so the machine stays usable beside it.
 set -euo pipefail
@@ -16,15 +17,15 @@ DCA=${DCA:-.venv/bin/dca}
 STEPS=${STEPS:-300}
 mkdir -p "$RUNS" "$REPORT"
 
-COMMON=(--model smollm2-135m --data wiki --seq-len 128 --positions 8 --batch-size 4 --steps "$STEPS" --bf16
+COMMON=(--model smollm2-135m --data wiki --seq-len 128 --positions 8 --batch-size 4 --bf16
         --warmup-steps 30 --eval-every 150 --eval-sequences 32 --save-every 25 --no-progress
         --num-latents 16 --num-ahead 16 --lr 1e-3)
 
-run() {  # run NAME ARGS...: train unless its adapter exists
+run() {  # run NAME ARGS...: train unless its adapter exists (STEPS and RUNS as set when called)
   local name=$1; shift
   if [[ -f $RUNS/$name/adapter/dca_config.json ]]; then echo "== $name: done"; return; fi
-  echo "== $name: $DCA train ${COMMON[*]} --out $RUNS/$name $* ($(date -u +%H:%M))"
-  $DCA train "${COMMON[@]}" --out "$RUNS/$name" "$@"
+  echo "== $name: $DCA train ${COMMON[*]} --steps $STEPS --out $RUNS/$name $* ($(date -u +%H:%M))"
+  $DCA train "${COMMON[@]}" --steps "$STEPS" --out "$RUNS/$name" "$@"
 }
 
 # side by side, one thread each (logs beside the run folders); the paper preset (issue 11, item 1) at the same
@@ -63,4 +64,23 @@ for split in wiki:0.05 owt:0.2; do
     > "$RUNS/eval-overwrite-$data.log" 2>&1 &
 done
 wait
+# session 7: the overwrite run and pause tokens at four times the budget (1200 steps, 614k tokens), side by side,
+# then both at t >= 15 on both corpora, on the points above (seed 12345) and on a second draw (--point-seed 1)
+RUNS=${RUNS}-1200 STEPS=1200
+mkdir -p "$RUNS"
+run overwrite-n16 --lora-rank 16 --latent-positions overwrite >> "$RUNS/overwrite-n16.log" 2>&1 &
+run pause-n16 --method pause >> "$RUNS/pause-n16.log" 2>&1 &
+wait
+for draw in 12345 1; do
+  for split in wiki:0.05 owt:0.2; do
+    data=${split%:*}
+    out=$REPORT/budget-1200/points-$draw/$data
+    [[ -f $out/eval.json ]] && continue
+    echo "== 1200 steps, eval on $data, points $draw ($(date -u +%H:%M))"
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" --no-untrained \
+      --coprocessors "$RUNS/overwrite-n16/adapter" "$RUNS/pause-n16/adapter" --sequences 64 --positions 8 \
+      --min-position 15 --point-seed $draw --batch-size 16 --out "$out" > "$RUNS/eval-$data-$draw.log" 2>&1 &
+  done
+  wait
+done
 echo "== long-cpu done ($(date -u +%H:%M))"
