@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
         while pending and free:
             (mutant, stage), job = pending.pop(0), free.pop(0)
             (trees[job] / "src" / "dca" / mutant.module).write_text(mutated_source(mutant.module, mutant.index))
-            log = logs / f"{mutant.id.replace(':', '_')}-{stage}.log"
+            log = logs / f"{mutant.id.replace(':', '_').replace('/', '_')}-{stage}.log"
             tests = args.tests if stage == 1 else args.then_tests
             running[_start_tests(trees[job], tests, log)] = (mutant, stage, job, time.time(), log)
         time.sleep(0.2)
