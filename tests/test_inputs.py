@@ -167,3 +167,16 @@ def test_asynchronous_generation_counts_only_the_slots_the_latents_add(family):
     with pytest.raises(ValueError, match="need position id 16"):
         generate_async(overwrite, 15)
     assert generate_async(overwrite, 14).shape == (1, 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_training_loss_counts_no_cache_slots_for_latents_that_replace_entries(family):
+    """t = 10, N = 3, A = 4: x[0..10], 3 latents, 3 ahead tokens in the cache -- 17 slots appended, 14 overwritten."""
+    input_ids, positions = torch.ones(1, 16, dtype=torch.long), torch.tensor([[10]])
+    replay = make_model(family, latent_positions="replay", latent_anchor="replay")
+    overwrite = make_model(family, latent_positions="overwrite", latent_anchor="replay")
+    for model in (replay, overwrite):
+        model.decoder.config.max_position_embeddings = 16
+    with pytest.raises(ValueError, match="fill 17 cache slots"):
+        replay.training_loss(input_ids, positions)
+    assert overwrite.training_loss(input_ids, positions).token_losses.isfinite().all()

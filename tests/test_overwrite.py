@@ -27,7 +27,7 @@ def overwrite_model(family="llama", impl="eager", **config):
 
 def test_the_decoders_groups_see_only_what_the_latents_do_not_replace():
     valid, pos = torch.ones(1, 8), torch.arange(8)[None]
-    allowed = prefix_allowed(valid, pos, torch.tensor([[4]]), 3, replaced=2)[0, 0]  # sees x[0..2]
+    allowed = prefix_allowed(valid, pos, torch.tensor([[4]]), 3, sliding_window=None, replaced=2)[0, 0]  # sees x[0..2]
     assert allowed.long().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]] * 3
     # member k sits in slot pos(t)+1+k-2 = 3+k: a window of 3 keeps slots 1+k .. 3+k
     windowed = prefix_allowed(valid, pos, torch.tensor([[4]]), 3, sliding_window=3, replaced=2)[0, 0]

@@ -92,8 +92,8 @@ def prefix_allowed(
     prefix_positions: torch.Tensor,
     insert_at: torch.Tensor,
     group_size: int,
-    sliding_window: int | None = None,
-    replaced: int = 0,
+    sliding_window: int | None,
+    replaced: int,
 ) -> torch.Tensor:
     """Boolean [B, P, group_size, T]: may member k of the group after t attend to original token j?
 

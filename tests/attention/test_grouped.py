@@ -5,7 +5,7 @@ import torch
 from tiny_models import FAMILIES, VOCAB, padded_batch, tiny_decoder
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.attention import GROUPED
+from dca.attention import FLEX, GROUPED
 
 IMPLS = [(f, i) for f in FAMILIES for i in ("eager", "sdpa") if not (f == "gemma2" and i == "sdpa")]
 
@@ -87,6 +87,26 @@ def test_an_unknown_group_attention_is_refused():
     model.group_attention = "sparse"
     with pytest.raises(ValueError, match="group_attention must be one of"):
         model.training_loss(torch.randint(0, VOCAB, (1, 10)), torch.tensor([[3]]))
+
+
+@pytest.mark.parametrize(("setting", "flex_available", "expected"), [
+    ("flex", False, FLEX), ("grouped", True, GROUPED), ("auto", True, FLEX), ("auto", False, GROUPED)])
+def test_each_group_attention_setting_runs_its_implementation(setting, flex_available, expected, monkeypatch):
+    """"auto" takes flex where it is supported (CUDA) and the grouped kernel elsewhere; the others are as named."""
+    import dca.model
+
+    class Chosen(Exception):
+        pass
+
+    def record(*models, implementation):
+        raise Chosen(implementation)
+    monkeypatch.setattr(dca.model, "use_grouped_attention", record)
+    monkeypatch.setattr(dca.model, "flex_supported", lambda config, device: flex_available)
+    model = AugmentedLM.from_decoder(tiny_decoder("llama"), CoprocessorConfig(num_latents=2, num_ahead=2))
+    model.group_attention = setting
+    with pytest.raises(Chosen) as chosen:
+        model.training_loss(torch.randint(0, VOCAB, (1, 10)), torch.tensor([[3]]))
+    assert chosen.value.args == (expected,)
 
 
 def test_grouped_equals_dense_under_strong_logit_softcapping():

@@ -79,6 +79,20 @@ def test_equals_the_plain_formula(monkeypatch, softcap, dtype):
         assert reference.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("needs", [(0,), (1,), (2,), (3,), (4,), (1, 3), (0, 4)])
+def test_gradients_of_any_subset_of_the_inputs(needs):
+    """Only the inputs that require grad get one, each equal to the plain formula's (a frozen prefix, say)."""
+    args = [t.detach() for t in inputs()[:5]] + list(inputs()[5:])
+    for i in needs:
+        args[i].requires_grad_()
+    grad_out = torch.randn(args[0].shape, dtype=args[0].dtype)
+    wanted = [args[i] for i in needs]
+    grads = torch.autograd.grad(grouped_attention_core(*args, 0.7), wanted, grad_out)
+    expected = torch.autograd.grad(plain(*args, 0.7, None), wanted, grad_out)
+    for i, grad, reference in zip(needs, grads, expected, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12, msg=str(i))
+
+
 def test_bfloat16_inputs_stay_close_to_float32():
     args = inputs(dtype=torch.float32)
     half = [t.detach().bfloat16().requires_grad_() if t.is_floating_point() else t for t in args]
@@ -104,3 +118,23 @@ def test_chunks_skip_the_prefix_keys_no_query_sees(monkeypatch):
     blocked_prefix[:, :, :, :, :, 0] = True  # nobody sees key 0 now: every chunk but the first skips it
     assert [keys for _, keys, _ in kernel.chunks(q, blocked_prefix, blocked_group)] == [slice(0, 5), slice(1, 4),
                                                                                       slice(1, 5)]
+
+
+def test_chunks_take_as_many_groups_as_fit_the_byte_budget_and_split_p_at_least_min_chunks_ways(monkeypatch):
+    groups, size, prefix = 17, 3, 5
+    q = torch.zeros(2, 2, 2, groups, size, 4)
+    blocked_prefix = torch.zeros(2, 1, 1, groups, size, prefix, dtype=torch.bool)
+    blocked_group = torch.zeros(size, size, dtype=torch.bool)
+    per_group = 2 * 2 * 2 * size * (prefix + size) * 4  # float32 scores of one group, all heads and rows
+
+    def sizes():
+        return [part.stop - part.start for part, _, _ in kernel.chunks(q, blocked_prefix, blocked_group)]
+
+    monkeypatch.setattr(kernel, "MIN_CHUNK_BYTES", 2**40)  # the budget alone decides
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 5 * per_group)
+    assert sizes() == [5, 5, 5, 2]
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 5 * per_group - 1)
+    assert sizes() == [4, 4, 4, 4, 1]
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 2**40)  # room for all: still split into MIN_CHUNKS = 8 or more
+    monkeypatch.setattr(kernel, "MIN_CHUNK_BYTES", 1)
+    assert sizes() == [3, 3, 3, 3, 3, 2]  # MIN_CHUNKS = 8: ceil(17 / 8) = 3 groups each
