@@ -145,6 +145,7 @@ def test_the_layout_is_saved_and_sampled_points_leave_room():
     assert CoprocessorConfig.from_dict(config.to_dict()) == config
     replay = CoprocessorConfig(latent_positions="replay")
     assert (config.replaced_entries, config.positions_taken, replay.replaced_entries) == (5, 0, 0)
+    assert (config.added_entries, replay.added_entries) == (0, 16)
     args = TrainArgs(seq_len=20, positions=15, coprocessor=config)  # t in [4, 18]
     assert args.first_position() == 4 and TrainArgs(coprocessor=replay).first_position() == 0
     assert TrainArgs().first_position() == 15  # the default: N = 16, "overwrite"

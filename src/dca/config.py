@@ -186,6 +186,11 @@ class CoprocessorConfig:
         """Prompt cache entries the latents replace (the last N under "overwrite"): the cache grows by N minus this."""
         return self.num_latents if self.latent_positions == "overwrite" else 0
 
+    @property
+    def added_entries(self) -> int:
+        """Cache entries one augmentation adds: N, less those it replaces (none under "overwrite")."""
+        return self.num_latents - self.replaced_entries
+
     def kept_entries(self, prompt_length: int) -> int:
         """Prompt cache entries that stay when the latents are written after `prompt_length` tokens: all, less the
         last N under "overwrite" (none of a prompt shorter than N, which is left-padded to N)."""

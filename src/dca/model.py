@@ -289,7 +289,8 @@ class AugmentedLM(nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("augment needs left padding: the last token of every row must be real "
                              "(tokenizer.padding_side = 'left')")
-        n, replaced = coprocessor.config.num_latents, coprocessor.config.replaced_entries
+        n, replaced, added = (coprocessor.config.num_latents, coprocessor.config.replaced_entries,
+                              coprocessor.config.added_entries)
         # "overwrite" with fewer than N tokens: the prompt is left-padded to N; the latents that replace padding are
         # masked like it, so a short row gets as many latents as it has tokens (the last ones), an exact no-op at gate 0
         short = replaced - input_ids.shape[1]
@@ -301,10 +302,10 @@ class AugmentedLM(nn.Module):
         latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         # the latents replace the last `replaced` entries and take their mask (0 where they replace padding)
-        extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n - replaced)], dim=1)
+        extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, added)], dim=1)
         check_context(self.decoder.config, "augment: the prompt and its latents",
                        int(latent_pos.max().clamp(min=prefix_pos.max())),
-                       int(attention_mask.sum(1).max()) + n - replaced)
+                       int(attention_mask.sum(1).max()) + added)
 
         cache = DynamicCache()
         if shared_pass and coprocessor.reads_after_prompt:

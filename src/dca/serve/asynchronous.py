@@ -162,7 +162,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     prefix_pos = prefix_position_ids(attention_mask)
     check_context(decoder.config, "generate(augment='async'): the prompt, its latents and the new tokens",
                    int(prefix_pos.max()) + config.max_length - length + coprocessor.config.positions_taken,
-                   int(attention_mask.sum(1).max()) + n - replaced + config.max_length - length)
+                   int(attention_mask.sum(1).max()) + coprocessor.config.added_entries + config.max_length - length)
     processors = decoder._get_logits_processor(
         generation_config=config, input_ids_seq_length=length, encoder_input_ids=input_ids,
         logits_processor=own["logits_processor"] or LogitsProcessorList(), device=input_ids.device, model_kwargs={})
