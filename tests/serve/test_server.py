@@ -267,6 +267,30 @@ def test_a_client_that_disconnects_cancels_its_work(served):
     assert len(calls) < 50  # far fewer decoder steps than the two requests asked for (100 and more)
 
 
+def test_a_streaming_client_that_hangs_up_while_queued_is_dropped_before_it_runs(served):
+    model, tokenizer = served
+    prompt = " ".join(["the", "cat"] * 3)
+    with slow_decoder(model, 0.1), running(model, tokenizer, max_batch=1) as (_, port, engine):
+        first = threading.Thread(target=post, args=(port, "/v1/completions",
+                                                   {"prompt": prompt, "max_tokens": 40, "temperature": 0}))
+        first.start()  # about 4 s of decoding, one job at a time: the next request waits in the queue
+        deadline = time.monotonic() + 30
+        while engine.stats["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True}),
+            headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200 and engine.stats["running"] == 1 and len(engine._pending) == 1
+        conn.sock.shutdown(2)
+        conn.close()
+        first.join(60)
+        while engine.stats["cancelled"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the queued job was cancelled while the first one ran, so the worker dropped it without a batch
+        assert (engine.stats["completed"], engine.stats["cancelled"], engine.stats["batches"]) == (1, 1, 1)
+
+
 def test_draining_finishes_queued_work(served):
     model, tokenizer = served
     results = []
