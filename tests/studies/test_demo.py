@@ -54,3 +54,25 @@ def test_demo_without_a_coprocessor_says_how_to_get_one(assets, tmp_path, capsys
     code = main(["demo", "--coprocessor", str(tmp_path / "missing"), "--model", model_dir, "--data", corpus,
                  "--sequences", "2", "--seq-len", "40", "--positions", "2", "--out", str(tmp_path / "r")])
     assert code == 2 and "dca train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("latents", [[8], [16], [16, 64], [5]])
+def test_the_plot_draws_the_papers_table_1_column_for_each_latent_count_it_has(tmp_path, monkeypatch, latents):
+    import matplotlib.axes
+
+    from dca.eval.evaluate import PAPER_TABLE1, PositionReport
+    from dca.studies.demo import plot_positions
+
+    drawn, plot = {}, matplotlib.axes.Axes.plot
+
+    def recording(self, x, y, **kwargs):
+        drawn[kwargs.get("label")] = list(y)
+        return plot(self, x, y, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    ones = [0.01] * len(KS)
+    report = PositionReport(list(KS), ones, ones, ones, ones, ones, num_sequences=1, num_groups=1)
+    plot_positions({"trained": report}, tmp_path / "plot.png", "title", paper_latents=latents)
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert drawn.pop("trained") == [1.0] * len(KS)
+    assert drawn == {f"paper, Gemma-2 2B, {n} latents": PAPER_TABLE1[n] for n in latents if n in PAPER_TABLE1}

@@ -34,14 +34,17 @@ from dca.checks import (
 from dca.config import CoprocessorConfig, help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.eval.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
-from dca.eval.evaluate import KS, PositionReport, held_out_eval_set, perplexity_by_position, untrained_like
+from dca.eval.evaluate import (
+    KS,
+    PAPER_TABLE1,
+    PositionReport,
+    held_out_eval_set,
+    perplexity_by_position,
+    untrained_like,
+)
 from dca.model import AugmentedLM
 from dca.resources import load_model
 from dca.studies.demo import SHIPPED, plot_positions, resolve_coprocessor
-
-# PAPER.md Table 1 (Gemma-2 2B), relative perplexity change (%) by latent count
-PAPER_TABLE1 = {8: [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55], 16: [-2.48, -2.41, -1.98, -1.56, -1.08, -0.64],
-                32: [-3.28, -3.15, -2.66, -2.11, -1.50, -0.88], 64: [-3.94, -3.70, -3.17, -2.61, -1.88, -1.20]}
 
 
 @dataclass
@@ -199,7 +202,8 @@ def run_eval(args: EvalArgs) -> dict:
                 untrained[name] = by_config[key]
             result["table1_untrained"] = {name: r.to_dict() for name, r in untrained.items()}
         plot_positions({**reports, **{f"{n}, untrained": r for n, r in untrained.items()}},
-                       out / "ppl_by_position.png", f"{args.model}, held-out {args.data}")
+                       out / "ppl_by_position.png", f"{args.model}, held-out {args.data}",
+                       paper_latents=sorted(set(latents.values())))
         late = f", latents {args.latent_delay} tokens late" if args.latent_delay else ""
         untrained_note = (" *Untrained* is the same configuration at initialisation (same init_seed): what the "
                           "latent mapping does before training." if untrained else "")

@@ -26,6 +26,9 @@ from dca.resources import load_texts
 from dca.training.data import sample_positions, split_texts, tokenize_and_pack
 
 KS = (1, 2, 4, 8, 16, 32)
+# PAPER.md Table 1 (Gemma-2 2B): relative perplexity change (%) at each of KS, by latent count
+PAPER_TABLE1 = {8: [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55], 16: [-2.48, -2.41, -1.98, -1.56, -1.08, -0.64],
+                32: [-3.28, -3.15, -2.66, -2.11, -1.50, -0.88], 64: [-3.94, -3.70, -3.17, -2.61, -1.88, -1.20]}
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from dca.checks import check_coprocessor, check_data_source, check_int, check_mo
 from dca.config import CoprocessorConfig, help_meta
 from dca.eval.evaluate import (
     KS,
+    PAPER_TABLE1,
     PositionReport,
     held_out_eval_set,
     perplexity_by_position,
@@ -33,7 +35,6 @@ from dca.training.train import TrainArgs, train
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED = Path("coprocessors") / "smollm2-135m-wiki"  # relative to the repository
-PAPER_TABLE1_N8 = [-1.53, -1.67, -1.39, -1.22, -0.85, -0.55]  # Gemma-2 2B, 8 latents (PAPER.md)
 PROMPT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was designed by"
 
 
@@ -72,7 +73,10 @@ def resolve_coprocessor(path: str) -> Path:
     return Path(path)
 
 
-def plot_positions(reports: dict[str, PositionReport], path: Path, title: str) -> None:
+def plot_positions(reports: dict[str, PositionReport], path: Path, title: str,
+                   paper_latents: Sequence[int] = ()) -> None:
+    """Relative perplexity change by k with its intervals, one line per report, and the paper's Table 1 column
+    (dashed) for each of `paper_latents` it has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +89,8 @@ def plot_positions(reports: dict[str, PositionReport], path: Path, title: str) -
         high = [100 * v for v in report.ci_high]
         ax.plot(report.ks, rel, marker="o", label=name)
         ax.fill_between(report.ks, low, high, alpha=0.2)
-    ax.plot(KS, PAPER_TABLE1_N8, linestyle="--", color="gray", label="paper, Gemma-2 2B, 8 latents")
+    for n in (n for n in paper_latents if n in PAPER_TABLE1):
+        ax.plot(KS, PAPER_TABLE1[n], linestyle="--", label=f"paper, Gemma-2 2B, {n} latents")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(KS), [str(k) for k in KS])
@@ -147,8 +152,8 @@ def run_demo(args: DemoArgs) -> dict:
 
     print("[3/3] writing the report", flush=True)
     plot_positions({f"coprocessor ({config.num_latents} latents)": report, "same, untrained (step 0)": untrained},
-                   out / "ppl_by_position.png",
-                   f"{args.model} on held-out {args.data}: augmented vs frozen model")
+                   out / "ppl_by_position.png", f"{args.model} on held-out {args.data}: augmented vs frozen model",
+                   paper_latents=[config.num_latents])
     result = {"model": args.model, "data": args.data, "coprocessor": args.coprocessor,
               "coprocessor_config": config.to_dict(), "held_out": report.to_dict(),
               "held_out_untrained": untrained.to_dict(),
