@@ -130,3 +130,47 @@ def test_an_unknown_preset_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--preset", "literal"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_a_runs_args_json_reruns_it_and_options_typed_beside_it_override(monkeypatch, tmp_path):
+    import dataclasses
+    import json
+
+    from dca import CoprocessorConfig
+    from dca.training.train import TrainArgs
+
+    saved = TrainArgs(model="m", data="d", out=str(tmp_path / "run"), steps=7, lr=3e-4, bf16=True, preset="paper",
+                      coprocessor=CoprocessorConfig.paper(num_latents=4, lora_rank=2, latent_scale="gated"))
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(dataclasses.asdict(saved)))  # what `dca train` writes into every run folder
+    assert parsed_train_args(monkeypatch, ["--config", str(path)]) == saved
+    args = parsed_train_args(monkeypatch, ["--config", str(path), "--steps", "3", "--num-latents", "8", "--no-bf16"])
+    assert args == dataclasses.replace(saved, steps=3, bf16=False,
+                                       coprocessor=dataclasses.replace(saved.coprocessor, num_latents=8))
+    # a file written before latent_positions existed is read as its reader reads it ("after")
+    old = {**dataclasses.asdict(saved), "coprocessor": {"num_latents": 2, "latent_anchor": "replay"}}
+    path.write_text(json.dumps(old))
+    assert parsed_train_args(monkeypatch, ["--config", str(path)]).coprocessor.latent_positions == "after"
+
+
+def test_a_bad_config_file_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("dca.training.train.train", lambda args, callback=None: pytest.fail("it ran"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{\"steps\": ")
+    (tmp_path / "unknown.json").write_text('{"steps": 3, "stepz": 4}')
+    (tmp_path / "bad-value.json").write_text('{"steps": -1}')
+    (tmp_path / "bad-field.json").write_text('{"coprocessor": {"num_latents": 0}}')
+    (tmp_path / "ok.json").write_text('{"steps": 3}')
+    cases = [
+        (["--config", str(tmp_path / "missing.json")], "--config no such file"),
+        (["--config", str(tmp_path / "list.json")], "must hold a JSON object of arguments, not list"),
+        (["--config", str(tmp_path / "broken.json")], "is not a JSON file of arguments"),
+        (["--config", str(tmp_path / "unknown.json")], "stepz not among the arguments of dca train"),
+        (["--config", str(tmp_path / "bad-value.json")], "--steps must be"),
+        (["--config", str(tmp_path / "bad-field.json")], "coprocessor: num_latents must be"),
+        (["--config", str(tmp_path / "ok.json"), "--preset", "paper"], "--preset cannot be combined with --config"),
+    ]
+    for argv, expected in cases:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (argv, err)

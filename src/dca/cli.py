@@ -1,16 +1,19 @@
 """The `dca` command line. Each subcommand's options are generated from its dataclass of arguments,
 so the Python API and the command line never disagree. dca's own errors (`dca.errors`) are printed as
 one line -- a bad argument as its option, with exit code 2 -- and anything else keeps its traceback,
-because it is a bug."""
+because it is a bug. Every subcommand also takes ``--config FILE``: its arguments as JSON (a run's
+``args.json``), which the options typed beside it override."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dca.errors import ArgumentError, DCAError
@@ -65,6 +68,45 @@ def dataclass_from_namespace(cls: type, namespace: argparse.Namespace, nested: b
     return cls(**values)
 
 
+def config_defaults(cls: type, path: str, command: str) -> dict[str, Any]:
+    """The arguments of `cls` in the JSON file at `path`, keyed like the options (a nested dataclass, e.g. the
+    CoprocessorConfig of a run's args.json, by its own field names), checked before anything runs."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise ArgumentError("config", f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArgumentError("config", f"{path} is not a JSON file of arguments: {err}") from None
+    if not isinstance(data, dict):
+        raise ArgumentError("config", f"{path} must hold a JSON object of arguments, not {type(data).__name__}")
+    return _flatten(cls, data, path, command)
+
+
+def _flatten(cls: type, data: dict[str, Any], path: str, command: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ArgumentError("config", f"{path}: {', '.join(unknown)} not among the arguments of dca {command}")
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        nested = hints[name]
+        if not dataclasses.is_dataclass(nested):
+            values[name] = value
+            continue
+        if not isinstance(value, dict):
+            raise ArgumentError("config", f"{path}: {name} must be a JSON object of its fields")
+        try:  # a saved config's own reader (CoprocessorConfig.from_dict knows its older files) checks the fields
+            value = nested.from_dict(value).to_dict() if hasattr(nested, "from_dict") else value
+        except (ArgumentError, ValueError, TypeError) as err:
+            raise ArgumentError("config", f"{path}: {name}: {err}") from None
+        values.update(_flatten(nested, value, path, command))
+    return values
+
+
+def _typed(argv: list[str], option: str) -> bool:
+    return any(arg == option or arg.startswith(option + "=") for arg in argv)
+
+
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from dca.eval.eval_suite import EvalArgs, run_eval
     from dca.serve.bench import BenchServeArgs, run_bench_serve
@@ -98,18 +140,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dca", description="Differentiable Cache Augmentation for frozen LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, Any] = {}
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, (args_cls, _, help_text) in commands.items():
         group, _, action = name.partition(" ")
         if action and group not in groups:
             groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(dest="_action",
                                                                                            required=True)
         target = groups[group] if action else sub
-        add_dataclass_arguments(target.add_parser(action or name, help=help_text, description=help_text), args_cls)
-    namespace = parser.parse_args(argv)
-    if getattr(namespace, "_action", None):
-        namespace.command = f"{namespace.command} {namespace._action}"
+        parsers[name] = target.add_parser(action or name, help=help_text, description=help_text)
+        add_dataclass_arguments(parsers[name], args_cls)
+        parsers[name].add_argument("--config", metavar="FILE", help="this command's arguments as JSON (a run's "
+                                   "args.json reruns it); the options typed beside it override the file")
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def parse() -> argparse.Namespace:
+        namespace = parser.parse_args(argv)
+        if getattr(namespace, "_action", None):
+            namespace.command = f"{namespace.command} {namespace._action}"
+        return namespace
+
+    namespace = parse()
     args_cls, run, _ = commands[namespace.command]
     try:
+        if namespace.config is not None:
+            if _typed(argv, "--preset"):  # the file's coprocessor fields are resolved: they would win over it
+                raise ArgumentError("preset", "cannot be combined with --config, whose coprocessor fields are "
+                                    "already resolved: type the fields to change instead")
+            parsers[namespace.command].set_defaults(**config_defaults(args_cls, namespace.config, namespace.command))
+            namespace = parse()
         run(dataclass_from_namespace(args_cls, namespace))
     except DCAError as err:
         message = str(err)
