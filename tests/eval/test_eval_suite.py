@@ -1,6 +1,7 @@
 """`dca eval` on tiny local assets: Table 1 for two coprocessors (the method and pause tokens)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -55,9 +56,18 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
         assert result["table1_untrained"][name]["rel_change"] == pytest.approx(fresh.rel_change, rel=1e-5, abs=1e-7)
         # the saved coprocessors were "trained" (perturbed): their own columns differ from step 0
         assert result["table1"][name]["rel_change"] != pytest.approx(fresh.rel_change, rel=1e-3)
+    # the two against each other on the same points: their perplexity ratio, which the frozen decoder's cancels from
+    paired = saved["table1_paired"]["copro vs pause"]
+    copro, pause = (result["table1"][name]["rel_change"] for name in ("copro", "pause"))
+    assert paired["rel_change"] == pytest.approx([(1 + a) / (1 + b) - 1 for a, b in zip(copro, pause, strict=True)],
+                                                 rel=1e-4, abs=1e-6)
+    assert all(low <= rel <= high for low, rel, high in zip(paired["ci_low"], paired["rel_change"], paired["ci_high"],
+                                                             strict=True))
+    assert "| k | copro vs pause |" in text
     without = run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40,
                                 positions=2, bootstrap=50, untrained=False, out=str(tmp_path / "plain")))
     assert "table1_untrained" not in without and "untrained |" not in (tmp_path / "plain" / "eval.md").read_text()
+    assert "table1_paired" not in without
     assert (tmp_path / "ppl_by_position.png").stat().st_size > 1000
 
 
@@ -160,3 +170,30 @@ def test_table1_with_late_latents_is_the_sequential_late_insertion(assets, tmp_p
     torch.testing.assert_close(torch.tensor(report["augmented_ppl"]), torch.tensor(expected), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="latent_delay"):
         EvalArgs(coprocessors=paths, ks=[1, 2], latent_delay=2)
+
+
+def test_paired_change_resamples_both_reports_together_and_needs_the_same_points():
+    from dca.eval.evaluate import PositionReport, paired_change
+
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 4, (20, 2), generator=generator).float()
+    base = torch.rand(20, 2, generator=generator) * counts * 3
+
+    def report(nll):
+        return PositionReport([1, 2], [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2, 20, 40,
+                              sequence_nll=nll.tolist(), sequence_counts=counts.tolist())
+
+    shifted = base + 0.1 * counts  # 0.1 nats worse on every token of every sequence: exactly e^0.1 - 1, no spread
+    rel, low, high = paired_change(report(shifted), report(base), bootstrap=200)
+    assert rel == pytest.approx([math.exp(0.1) - 1] * 2, rel=1e-5)
+    assert low == pytest.approx(rel, rel=1e-5) and high == pytest.approx(rel, rel=1e-5)
+    noisy = base + torch.randn(20, 2, generator=generator)
+    rel, low, high = paired_change(report(noisy), report(base), bootstrap=200)
+    direct = torch.exp((noisy.sum(0) - base.sum(0)) / counts.sum(0)) - 1
+    assert rel == pytest.approx(direct.tolist(), rel=1e-5) and all(lo < hi for lo, hi in zip(low, high, strict=True))
+    moved = report(base)
+    moved.sequence_counts = (counts + 1).tolist()
+    with pytest.raises(ValueError, match="same sequences, points"):
+        paired_change(report(base), moved)
+    with pytest.raises(ValueError, match="per-sequence losses"):
+        paired_change(report(base), PositionReport([1, 2], *[[0.0] * 2] * 5, 20, 40))

@@ -39,6 +39,7 @@ from dca.eval.evaluate import (
     PAPER_TABLE1,
     PositionReport,
     held_out_eval_set,
+    paired_change,
     perplexity_by_position,
     untrained_like,
 )
@@ -153,6 +154,26 @@ def table1_markdown(reports: dict[str, PositionReport], latents: dict[str, int],
     return "\n".join(lines)
 
 
+def paired_table(reports: dict[str, PositionReport], bootstrap: int) -> dict[str, dict[str, list[float]]]:
+    """Every pair of coprocessors on the same points, "a vs b": the relative perplexity change of a against b."""
+    names = list(reports)
+    table = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            rel, low, high = paired_change(reports[a], reports[b], bootstrap)
+            table[f"{a} vs {b}"] = {"ks": reports[a].ks, "rel_change": rel, "ci_low": low, "ci_high": high}
+    return table
+
+
+def paired_markdown(paired: dict[str, dict[str, list[float]]]) -> str:
+    pairs = list(paired)
+    lines = ["| k | " + " | ".join(pairs) + " |", "|---" * (1 + len(pairs)) + "|"]
+    for i, k in enumerate(paired[pairs[0]]["ks"]):
+        lines.append(f"| {k} | " + " | ".join(f"{100 * p['rel_change'][i]:+.2f}% [{100 * p['ci_low'][i]:+.1f}, "
+                                               f"{100 * p['ci_high'][i]:+.1f}]" for p in paired.values()) + " |")
+    return "\n".join(lines)
+
+
 def run_eval(args: EvalArgs) -> dict:
     """Table 1 and Table 2 for every coprocessor; eval.json and eval.md are rewritten as each part
     finishes, so a failure late in a run loses nothing already computed.
@@ -213,6 +234,12 @@ def run_eval(args: EvalArgs) -> dict:
                         f"the k-th token's perplexity, 95% bootstrap interval over sequences."
                         f"{untrained_note}\n\n"
                         f"{table1_markdown(reports, latents, untrained)}\n\n![](ppl_by_position.png)\n")
+        if len(reports) > 1:
+            result["table1_paired"] = paired_table(reports, args.bootstrap)
+            sections.append("### Coprocessors against each other, on the same points\n\n\"a vs b\": the relative "
+                            "change of a's perplexity against b's (negative: a is better), 95% interval from "
+                            "resampling sequences for both at once.\n\n"
+                            f"{paired_markdown(result['table1_paired'])}\n")
         write_report()
 
     if args.benchmarks:

@@ -41,9 +41,17 @@ class PositionReport:
     ci_high: list[float]
     num_sequences: int
     num_groups: int
+    # per sequence, summed over its points: the augmented NLL and the scored tokens at each k ([S][K]), so that two
+    # reports on the same points can be compared sequence by sequence (`paired_change`)
+    sequence_nll: list[list[float]] | None = None
+    sequence_counts: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PositionReport:
+        return cls(**data)
 
     def markdown(self, title: str = "relative perplexity change") -> str:
         lines = [f"| k | base ppl | augmented ppl | {title} | 95% CI |", "|---|---|---|---|---|"]
@@ -89,25 +97,49 @@ def perplexity_by_position(model: AugmentedLM, sequences: torch.Tensor, position
     columns = [k - 1 for k in ks]
     aug, base, count = aug[:, columns], base[:, columns], count[:, columns]
 
-    def rel(rows: torch.Tensor) -> torch.Tensor:
-        n = count[rows].sum(0).clamp(min=1)
-        return torch.exp((aug[rows].sum(0) - base[rows].sum(0)) / n) - 1
-
-    everything = torch.arange(len(sequences))
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.stack([rel(torch.randint(0, len(sequences), (len(sequences),), generator=generator))
-                         for _ in range(bootstrap)]) if bootstrap else rel(everything)[None]
+    rel, low, high = bootstrapped_change(aug, base, count, bootstrap, seed)
     n = count.sum(0).clamp(min=1)
     return PositionReport(
         ks=list(ks),
         base_ppl=[math.exp(v) for v in (base.sum(0) / n).tolist()],
         augmented_ppl=[math.exp(v) for v in (aug.sum(0) / n).tolist()],
-        rel_change=rel(everything).tolist(),
-        ci_low=draws.quantile(0.025, dim=0).tolist(),
-        ci_high=draws.quantile(0.975, dim=0).tolist(),
+        rel_change=rel,
+        ci_low=low,
+        ci_high=high,
         num_sequences=len(sequences),
         num_groups=int(positions.numel()),
+        sequence_nll=aug.tolist(),
+        sequence_counts=count.tolist(),
     )
+
+
+def bootstrapped_change(nll: torch.Tensor, reference_nll: torch.Tensor, count: torch.Tensor, bootstrap: int = 1000,
+                        seed: int = 0) -> tuple[list[float], list[float], list[float]]:
+    """Relative perplexity change of `nll` against `reference_nll` ([S, K] per-sequence sums over the same points,
+    `count` tokens each) at each k, and its 95 % interval from resampling whole sequences with their points."""
+
+    def rel(rows: torch.Tensor) -> torch.Tensor:
+        n = count[rows].sum(0).clamp(min=1)
+        return torch.exp((nll[rows].sum(0) - reference_nll[rows].sum(0)) / n) - 1
+
+    sequences = len(nll)
+    generator = torch.Generator().manual_seed(seed)
+    everything = torch.arange(sequences)
+    draws = torch.stack([rel(torch.randint(0, sequences, (sequences,), generator=generator))
+                         for _ in range(bootstrap)]) if bootstrap else rel(everything)[None]
+    return rel(everything).tolist(), draws.quantile(0.025, dim=0).tolist(), draws.quantile(0.975, dim=0).tolist()
+
+
+def paired_change(report: PositionReport, reference: PositionReport, bootstrap: int = 1000,
+                  seed: int = 0) -> tuple[list[float], list[float], list[float]]:
+    """Relative perplexity change of one augmented model against another scored on the same points (negative:
+    `report`'s model is better), with a 95 % interval that resamples sequences for both at once (paired)."""
+    if report.sequence_nll is None or reference.sequence_nll is None:
+        raise ValueError("paired_change needs per-sequence losses (reports written before they were kept lack them)")
+    if report.ks != reference.ks or report.sequence_counts != reference.sequence_counts:
+        raise ValueError("paired_change needs two reports on the same sequences, points and distances k")
+    return bootstrapped_change(torch.tensor(report.sequence_nll), torch.tensor(reference.sequence_nll),
+                               torch.tensor(report.sequence_counts), bootstrap, seed)
 
 
 def untrained_like(model: AugmentedLM) -> AugmentedLM:
