@@ -7,7 +7,7 @@
 #
 #   OMP_NUM_THREADS=1 nohup scripts/long_cpu.sh > runs/long-cpu.log 2>&1 &
 #
-# It ends with the overwrite run and pause tokens again at four times the budget (1200 steps, in RUNS-1200).
+# It ends with the overwrite run, pause tokens and the paper preset at four times the budget (1200 steps, in RUNS-1200).
 # Resumable: run it again and finished runs are skipped, interrupted ones resume from their checkpoint.
 # bf16 autocast on the CPU (AVX-512 bf16); one thread, so the machine stays usable beside it.
 set -euo pipefail
@@ -82,5 +82,40 @@ for draw in 12345 1; do
       --min-position 15 --point-seed $draw --batch-size 16 --out "$out" > "$RUNS/eval-$data-$draw.log" 2>&1 &
   done
   wait
+done
+# session 8: the paper preset at the same 1200-step budget (issue 11, item 1: a paper row in every table), alone,
+# scored on both draws of points; then all three on more sequences: wiki 192 (nearly all of its 5 % split) and
+# owt 384 (a 90 % split: it was never trained on), for intervals about half as wide
+run paper-n16 --preset paper --lora-rank 16 >> "$RUNS/paper-n16.log" 2>&1
+for draw in 12345 1; do
+  for split in wiki:0.05 owt:0.2; do
+    data=${split%:*}
+    out=$REPORT/budget-1200/points-$draw/paper-$data
+    [[ -f $out/eval.json ]] && continue
+    echo "== 1200 steps, paper preset, eval on $data, points $draw ($(date -u +%H:%M))"
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" --no-untrained \
+      --coprocessors "$RUNS/paper-n16/adapter" --sequences 64 --positions 8 --min-position 15 --point-seed $draw \
+      --batch-size 16 --out "$out" > "$RUNS/eval-paper-$data-$draw.log" 2>&1 &
+  done
+  wait
+done
+for group in both paper; do  # overwrite and pause tokens, then the paper preset (base perplexities agree)
+  if [[ $group == both ]]; then adapters=("$RUNS/overwrite-n16/adapter" "$RUNS/pause-n16/adapter"); prefix=
+  else adapters=("$RUNS/paper-n16/adapter"); prefix=paper-; fi
+  for split in wiki:0.05:192 owt:0.9:384; do
+    IFS=: read -r data fraction sequences <<< "$split"
+    out=$REPORT/budget-1200/more-sequences/$prefix$data
+    [[ -f $out/eval.json ]] && continue
+    echo "== 1200 steps, $group on $sequences sequences of $data ($(date -u +%H:%M))"
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
+      --coprocessors "${adapters[@]}" --sequences "$sequences" --positions 8 --min-position 15 --batch-size 16 \
+      --out "$out" > "$RUNS/eval-more-$prefix$data.log" 2>&1 &
+  done
+  wait
+done
+for data in wiki owt; do  # the paper preset against the other two, on the same sequences and points (paired)
+  more=$REPORT/budget-1200/more-sequences
+  .venv/bin/python scripts/paired.py "$more/$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
+    "$more/paper-$data/eval.json:paper-n16" > "$more/paired-$data.md"
 done
 echo "== long-cpu done ($(date -u +%H:%M))"
