@@ -118,4 +118,16 @@ for data in wiki owt; do  # the paper preset against the other two, on the same 
   .venv/bin/python scripts/paired.py "$more/$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
     "$more/paper-$data/eval.json:paper-n16" > "$more/paired-$data.md"
 done
+# by context length: overwrite and pause tokens at points t >= 100 of the 256-token sequences (past the training
+# length), and within it on wiki, t in [15, 60] (93-token sequences) against t in [100, 127] (160 tokens)
+both=("$RUNS/overwrite-n16/adapter" "$RUNS/pause-n16/adapter")
+for spec in late-points/wiki:wiki:0.05:256:100 late-points/owt:owt:0.9:256:100 \
+            by-context/wiki-early:wiki:0.05:93:15 by-context/wiki-late:wiki:0.05:160:100; do
+  IFS=: read -r name data fraction len min <<< "$spec"
+  out=$REPORT/budget-1200/$name
+  [[ -f $out/eval.json ]] && continue
+  $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained --coprocessors \
+    "${both[@]}" --sequences 128 --seq-len "$len" --positions 8 --min-position "$min" --batch-size 16 --out "$out" \
+    > "$RUNS/eval-${name//\//-}.log" 2>&1
+done
 echo "== long-cpu done ($(date -u +%H:%M))"
