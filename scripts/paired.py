@@ -22,6 +22,8 @@ def main() -> None:
     reports = {}
     for column in args.columns:
         path, _, name = column.rpartition(":")
+        if name in reports:
+            parser.error(f"{name} is named twice: each column needs its own coprocessor name")
         reports[name] = PositionReport.from_dict(json.load(open(path))["table1"][name])
     print(paired_markdown(paired_table(reports, args.bootstrap)))
 

@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,11 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     assert all(low <= rel <= high for low, rel, high in zip(paired["ci_low"], paired["rel_change"], paired["ci_high"],
                                                              strict=True))
     assert "| k | copro vs pause |" in text
+    # scripts/paired.py pairs columns of separate runs the same way (here both from this one)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "paired.py"
+    printed = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro", f"{tmp_path}/eval.json:pause",
+                              "--bootstrap", "50"], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() in text
     without = run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40,
                                 positions=2, bootstrap=50, untrained=False, out=str(tmp_path / "plain")))
     assert "table1_untrained" not in without and "untrained |" not in (tmp_path / "plain" / "eval.md").read_text()
