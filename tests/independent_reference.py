@@ -15,7 +15,8 @@ its own `DynamicCache`) and torch, and writes out what `CoprocessorConfig`'s doc
 * the decoder reads the N latents at their position ids after the prompt, then x[t+1 .. t+A-1] with the
   text's position ids; the logits after the last latent score x[t+1], those after x[t+k] score x[t+k+1].
   Under ``latent_positions="overwrite"`` the decoder's own prompt pass is run on x[0..t-N] only (the latents
-  take the place of x[t-N+1 .. t]), and the coprocessor reads a cache of the whole prompt made apart.
+  take the place of x[t-N+1 .. t]), and the coprocessor reads a cache of the whole prompt made apart; a
+  prompt of r < N tokens keeps only the last r latents, one per token they replace.
 """
 
 from __future__ import annotations
@@ -132,13 +133,15 @@ def group_losses(model, row: torch.Tensor, t: int) -> torch.Tensor:
     cache = DynamicCache()  # the reference's own cache, full length
     decoder(input_ids=prompt, position_ids=torch.arange(t + 1)[None], past_key_values=cache, use_cache=True)
     latents = coprocessor_latents(model, prompt, cache)
+    latent_positions = torch.tensor([latent_position_ids(config.latent_positions, t, n)])
     if config.latent_positions == "overwrite":  # the decoder continues from x[0..t-N]; the latents take the rest
-        cache, kept = DynamicCache(), t + 1 - n
+        cache, kept = DynamicCache(), max(t + 1 - n, 0)
         if kept:
             decoder(input_ids=prompt[:, :kept], position_ids=torch.arange(kept)[None], past_key_values=cache,
                     use_cache=True)
+        # a prompt of t+1 < N tokens keeps its last t+1 latents, one per token they replace, at those tokens' positions
+        latents, latent_positions = latents[:, n - (t + 1 - kept):], latent_positions[:, n - (t + 1 - kept):]
     # the decoder's own causal masks from here on: nothing but position ids is given
-    latent_positions = torch.tensor([latent_position_ids(config.latent_positions, t, n)])
     out = decoder(inputs_embeds=latents, position_ids=latent_positions, past_key_values=cache, use_cache=True)
     logits = [out.logits[0, -1:]]
     if len(targets) > 1:

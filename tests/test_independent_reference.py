@@ -72,8 +72,9 @@ def test_the_overwrite_layout(family, attention, extra):
     input_ids = torch.randint(0, VOCAB, (2, 16))
     mask = torch.ones_like(input_ids)
     mask[1, 13:] = 0  # right padding
-    # t = N-1 (the decoder's groups see no original token), a window that runs off the end
-    assert_matches_reference(model, input_ids, torch.tensor([[2, 7, 13], [3, 5, 11]]), mask)
+    # t < N-1 (the group keeps its last t+1 latents), t = N-1 (it sees no original token), a window that runs off
+    # the end
+    assert_matches_reference(model, input_ids, torch.tensor([[0, 2, 7, 13], [1, 3, 5, 11]]), mask)
 
 
 @pytest.mark.parametrize("variant", [
@@ -141,8 +142,8 @@ def test_full_soft_token_attention_made_causal_everywhere_is_caught(mode, monkey
 
     original = dca.masks.within_group_allowed
 
-    def always_causal(group_size, *, causal=True, sliding_window=None, device=None):
-        return original(group_size, causal=True, sliding_window=sliding_window, device=device)
+    def always_causal(group_size, *, causal=True, sliding_window=None, device=None, padded=None):
+        return original(group_size, causal=True, sliding_window=sliding_window, device=device, padded=padded)
 
     for module in (dca.masks, dca.attention.grouped):
         monkeypatch.setattr(module, "within_group_allowed", always_causal)

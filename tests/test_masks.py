@@ -7,6 +7,7 @@ from dca.masks import (
     group_attention_allowed,
     group_attention_mask,
     group_position_ids,
+    padded_latents,
     prefix_position_ids,
     to_additive,
 )
@@ -59,6 +60,25 @@ def test_bidirectional_groups_padding_and_sliding_window_by_hand():
     # group members sit at positions 3, 4; window 2 keeps keys at distance 0 and 1 only
     windowed = group_attention_allowed(valid, pos, torch.tensor([[3]]), 2, sliding_window=2)
     assert windowed[0].long().tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
+
+
+def test_overwrite_before_n_tokens_hides_the_latents_that_replace_nothing_by_hand():
+    valid = torch.ones(1, 4, dtype=torch.long)
+    pos = prefix_position_ids(valid)
+    # N = 3 latents and one text token after t = 0 (one real token) and t = 3 (four): replaced = 3
+    allowed = group_attention_allowed(valid, pos, torch.tensor([[0, 3]]), 4, replaced=3)
+    #          prefix 0 1 2 3 | group 0   | group 1
+    expected = [[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # group 0, latent 0: replaces nothing, sees only itself
+                [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],  # latent 1: nothing either
+                [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0],  # latent 2: replaces x[0]
+                [0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0],  # x[1]: sees latent 2 and itself
+                [1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # group 1: x[0] is kept, x[1..3] replaced
+                [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+                [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0],
+                [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]]
+    assert allowed[0].long().tolist() == expected
+    assert padded_latents(valid, torch.tensor([[0, 1, 3]]), 3).tolist() == [[2, 1, 0]]
+    assert padded_latents(valid, torch.tensor([[2, 3]]), 3) is None and padded_latents(valid, pos[:, :1], 0) is None
 
 
 def test_additive_mask_uses_the_dtype_minimum_not_inf():

@@ -127,13 +127,34 @@ def test_augment_and_generate_write_what_training_scores(family):
     assert torch.equal(out[:, 9:], torch.cat(tokens, 1))
 
 
+@pytest.mark.parametrize(("family", "impl"), IMPLS)
+def test_training_before_n_tokens_equals_sequential(family, impl):
+    """Points with r < N real tokens up to them (t < N-1, or fewer after left padding): the group's first N - r
+    latents replace nothing and are hidden, as `augment` hides those that replace its padding -- beside full groups
+    of the same pass, with delays (which move a group past N-1) and windows smaller than N (Gemma)."""
+    model = overwrite_model(family, impl, num_latents=8, lora_rank=2)
+    with torch.no_grad():
+        for name, param in model.coprocessor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0  # row 1: its t = 5 has 3 real tokens
+    positions, delays = torch.tensor([[0, 3, 7, 12], [4, 5, 9, 14]]), torch.tensor([[0, 5, 2, 1], [3, 0, 1, 0]])
+    for mode in MODES:
+        model.group_attention = mode
+        out = assert_matches_sequential(model, input_ids, positions, mask)
+        assert_matches_sequential(model, input_ids, positions, mask, delays=delays)
+    # the hiding matters: without it every short group's losses change, and no full group's
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dca.masks.padded_latents", lambda *args: None)
+        unhidden = model.training_loss(input_ids, positions, mask).token_losses
+    short = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)  # r = 1, 4, 8, 13; 2, 3, 7, 12
+    changed = (unhidden - out.token_losses).abs().amax(-1) > 1e-4
+    assert torch.equal(changed, short)
+
+
 def test_each_input_overwrite_cannot_use_is_refused_naming_it():
-    model = overwrite_model()
-    input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="^positions: .*at least 3 real tokens"):
-        model.training_loss(input_ids, torch.tensor([[1, 6]]))
-    with pytest.raises(ValueError, match="^positions \\+ delays: "):
-        model.training_loss(input_ids, torch.tensor([[0, 6]]), delays=torch.tensor([[1, 0]]))
     with pytest.raises(ArgumentError, match="^latent_positions cannot"):
         CoprocessorConfig(method="pause", latent_positions="overwrite")
     with pytest.raises(ArgumentError, match="^positions "):

@@ -107,8 +107,9 @@ class CoprocessorConfig:
             originals of x[t-N+1 .. t], and the text resumes at pos(t)+1 (the coprocessor still reads all of
             x[0..t]). With the replay anchor and ``gate_init=0`` the latents are the embeddings of those tokens
             at their own positions and cache slots, so an untrained coprocessor is an exact no-op on any model
-            and for any N, and no token is read twice. Training needs N real tokens up to every insertion point
-            (t >= N-1); at inference a prompt with r < N tokens keeps its last r latents. Pause tokens are refused
+            and for any N, and no token is read twice. A point with r < N real tokens up to it (a prompt shorter
+            than N, at inference and in training) keeps only the last r latents; `dca train` samples t >= N-1 by
+            default (`first_position`). Pause tokens are refused
             (they would erase the last N tokens and carry nothing of them).
     """
 
@@ -198,7 +199,8 @@ class CoprocessorConfig:
 
     @property
     def first_position(self) -> int:
-        """The earliest insertion point t this layout takes: N-1 under "overwrite" (N tokens to replace), else 0."""
+        """The earliest insertion point training samples and evaluation scores by default: N-1 under "overwrite"
+        (where every latent replaces a real token; earlier points work, and read only the last t+1 latents), else 0."""
         return max(self.replaced_entries - 1, 0)
 
     def to_dict(self) -> dict[str, Any]:

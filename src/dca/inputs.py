@@ -84,13 +84,3 @@ def check_delays(delays: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     if bool((delays < 0).any()):
         raise ValueError(f"delays must be >= 0 (tokens decoded before the latents arrive), got {int(delays.min())}")
     return delays
-
-
-def check_overwritable(insert_at: torch.Tensor, attention_mask: torch.Tensor, replaced: int, argument: str) -> None:
-    """Latents that replace the cache entries of x[t-N+1 .. t] ("overwrite") need N real tokens up to each t."""
-    if not replaced:
-        return
-    real = attention_mask.long().cumsum(1).gather(1, insert_at)  # real tokens in x[0..t]
-    if bool((real < replaced).any()):
-        raise ValueError(f"{argument}: latent_positions='overwrite' replaces the last N={replaced} tokens up to each "
-                         f"insertion point, which needs at least {replaced} real tokens there, got {int(real.min())}")

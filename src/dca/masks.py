@@ -21,7 +21,9 @@ Positions follow the inference convention of `CoprocessorConfig.latent_positions
 * ``"overwrite"``: latents at the positions of x[t-N+1 .. t], as "replay", but in the decoder's pass they
   *replace* those tokens' cache entries: the group sees original tokens j <= t-N only (`replaced` = N),
   its member k sits in cache slot pos(t) + 1 + k - N, and the text resumes at t+1. The coprocessor's soft
-  tokens still see all of x[0..t] (they are appended to the prompt's cache: `replaced` = 0).
+  tokens still see all of x[0..t] (they are appended to the prompt's cache: `replaced` = 0). At a point
+  with r < N real tokens up to it, the first N - r latents replace nothing and are hidden like padding
+  (`padded_latents`), as `augment` pads a short prompt to N.
 
 Under "shared" and "replay" the latents take cache slots but no positions. Sliding windows are laid
 over cache slots, not position ids, because that is what the decoder's own masks do at inference
@@ -111,15 +113,36 @@ def prefix_allowed(
     return allowed
 
 
+def padded_latents(prefix_valid: torch.Tensor, insert_at: torch.Tensor, replaced: int) -> torch.Tensor | None:
+    """[B, P]: how many of each group's first latents replace no token, or None where none does.
+
+    Under "overwrite" a group at a point with r < N real tokens up to it replaces all r and has N - r latents
+    left over: they stand where `augment` left-pads a short prompt to N, and like that padding no other member
+    sees them (`within_group_allowed`), so the group's last r latents are what the decoder reads.
+    """
+    if not replaced:
+        return None
+    real = prefix_valid.long().cumsum(1).gather(1, insert_at)  # real tokens in x[0..t]
+    padded = (replaced - real).clamp(min=0)
+    return padded if bool(padded.any()) else None
+
+
 def within_group_allowed(group_size: int, *, causal: bool = True, sliding_window: int | None = None,
-                         device: torch.device | None = None) -> torch.Tensor:
-    """Boolean [group_size, group_size]: may member q of a group attend to member k of the same group?"""
+                         device: torch.device | None = None, padded: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [group_size, group_size]: may member q of a group attend to member k of the same group?
+
+    With `padded` ([B, P], `padded_latents`) it is [B, P, group_size, group_size]: a group's first `padded`
+    members are hidden from the others (each still sees itself, so that no row is blocked everywhere).
+    """
     member = torch.arange(group_size, device=device)
     allowed = torch.ones(group_size, group_size, dtype=torch.bool, device=device)
     if causal:
         allowed = member[None, :] <= member[:, None]
     if sliding_window is not None:
         allowed = allowed & (member[:, None] - member[None, :] < sliding_window)
+    if padded is not None:
+        visible = member >= padded[:, :, None]  # [B, P, G]: the keys other members may see
+        allowed = allowed & (visible[:, :, None, :] | (member[:, None] == member[None, :]))
     return allowed
 
 
@@ -143,8 +166,10 @@ def group_attention_allowed(
     to_prefix = prefix_allowed(prefix_valid, prefix_positions, insert_at, group_size, sliding_window,
                                replaced).flatten(1, 2)
     block = within_group_allowed(group_size, causal=causal_within_group, sliding_window=sliding_window,
-                                 device=insert_at.device)
-    to_group = torch.block_diag(*[block] * num_groups)[None].expand(batch, -1, -1)
+                                 device=insert_at.device, padded=padded_latents(prefix_valid, insert_at, replaced))
+    block = block.expand(batch, num_groups, group_size, group_size)  # [B, P, G, G]
+    same_group = torch.eye(num_groups, dtype=torch.bool, device=insert_at.device)[:, None, :, None]  # [P, 1, P, 1]
+    to_group = (block[:, :, :, None, :] & same_group).reshape(batch, num_groups * group_size, -1)
     return torch.cat([to_prefix, to_group], dim=-1)
 
 

@@ -33,7 +33,7 @@ from dca.cache import fork_cache, prefix_view
 from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
-from dca.inputs import check_batch, check_context, check_delays, check_overwritable, check_positions, position_limit
+from dca.inputs import check_batch, check_context, check_delays, check_positions, position_limit
 from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
 from dca.outputs import AugmentOutput, TrainingLoss
 from dca.recompute import recomputed_layers
@@ -117,7 +117,8 @@ class AugmentedLM(nn.Module):
                 x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
 
         Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-N] and replaces x[s-N+1 .. s]
-        (its soft tokens still read x[0..t]); every s then needs N real tokens up to it.
+        (its soft tokens still read x[0..t]); at a point with r < N real tokens up to s only the last r latents are
+        seen (`dca.masks.padded_latents`), as `augment` writes them after a prompt shorter than N.
 
         Raises:
             ValueError: a bad batch or bad positions, delays or num_ahead, naming which.
@@ -137,7 +138,6 @@ class AugmentedLM(nn.Module):
         inserted = positions if delays is None else check_positions(positions + check_delays(delays, positions),
                                                                      attention_mask, "delayed insertion positions")
         replaced = config.replaced_entries  # "overwrite": the latents replace x[s-N+1 .. s] in the decoder's pass
-        check_overwritable(inserted, attention_mask, replaced, "positions" if delays is None else "positions + delays")
         n, a = config.num_latents, config.num_ahead if num_ahead is None else num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
         arange_a = torch.arange(1, a + 1, device=input_ids.device)
@@ -153,7 +153,8 @@ class AugmentedLM(nn.Module):
         real_before = prefix_pos.gather(1, inserted) + 1  # real tokens x[0..s]
         check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
                        max(int(prefix_pos.max()), int(group_pos.view_as(needed)[needed].max())),
-                       max(int(attention_mask.sum(1).max()), int((real_before + needed.sum(2)).max()) - replaced))
+                       max(int(attention_mask.sum(1).max()),
+                           int((real_before.clamp(min=replaced) + needed.sum(2)).max()) - replaced))
 
         # 1. the frozen decoder over the original tokens: a full-length cache (no sliding-window eviction)
         cache = DynamicCache()

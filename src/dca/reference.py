@@ -38,9 +38,11 @@ def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int,
     losses = [F.cross_entropy(out.logits.float(), targets[:1])]
     if len(targets) > 1:
         steps = torch.arange(len(targets) - 1, device=input_ids.device)
-        cont = model.decoder(input_ids=input_ids[:, s + 1 : s + len(targets)], attention_mask=torch.ones(
-            1, out.attention_mask.shape[1] + len(targets) - 1, dtype=torch.long, device=input_ids.device),
-            position_ids=out.next_position_ids + steps, past_key_values=out.past_key_values, use_cache=True)
+        # the augmented cache's own mask: latents that replace a short prompt's padding stay hidden ("overwrite")
+        mask = F.pad(out.attention_mask, (0, len(targets) - 1), value=1)
+        cont = model.decoder(input_ids=input_ids[:, s + 1 : s + len(targets)], attention_mask=mask,
+                             position_ids=out.next_position_ids + steps, past_key_values=out.past_key_values,
+                             use_cache=True)
         losses.append(F.cross_entropy(cont.logits[0].float(), targets[1:], reduction="none"))
     return torch.cat([loss.reshape(-1) for loss in losses])
 

@@ -28,7 +28,7 @@ def random_layout(seed: int, batch=3, length=13, groups=4, size=5, causal=True, 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 1, 3, 8])
-@pytest.mark.parametrize("replaced", [0, 2])  # 2: "overwrite" with N = 2
+@pytest.mark.parametrize("replaced", [0, 2, 4])  # "overwrite" with N = 2, 4: points with fewer real tokens hide latents
 def test_the_mask_predicate_equals_the_dense_rule_at_every_query_and_key(seed, causal, window, replaced):
     layout = random_layout(seed, causal=causal, replaced=replaced)
     batch, groups = layout.insert_at.shape
@@ -87,11 +87,11 @@ def test_flex_forward_equals_dense_with_padding(family, config):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flex_forward_equals_dense_under_overwrite(family):
-    """Latents that replace the last N cache entries: each group sees x[0..t-N], its slots N earlier."""
+    """Latents that replace the last N cache entries: each group sees x[0..t-N], its slots N earlier; at points
+    with fewer than N real tokens the latents that replace nothing are hidden."""
     torch.manual_seed(0)
     model, input_ids, attention_mask = padded_batch(family, "eager", {"latent_positions": "overwrite"})
-    positions = torch.tensor([[2, 6, 12, 17], [7, 9, 14, 18], [3, 7, 11, 13]])  # t >= N - 1 real tokens each
-    assert_flex_forward_equals_dense(model, input_ids, positions, attention_mask)
+    assert_flex_forward_equals_dense(model, input_ids, POSITIONS, attention_mask)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -47,6 +47,7 @@ def group_mask_mod(layout: GroupLayout, sliding_window: int | None = None) -> Ca
     # "overwrite" (`replaced` = N): a group sees x[0..t-N] and its members sit N cache slots earlier
     insert_at = layout.insert_at - layout.replaced  # [B, P]: the last prefix key each group sees
     slots = group_position_ids(layout.prefix_positions, layout.insert_at, size) - layout.replaced  # [B, P·G]
+    padded = layout.padded_latents()  # [B, P] or None: latents that replace no token, hidden from the others
 
     def mask_mod(b, h, q, kv):
         group, member = q // size, q % size
@@ -55,6 +56,8 @@ def group_mask_mod(layout: GroupLayout, sliding_window: int | None = None) -> Ca
         to_group = (k >= 0) & (k // size == group)
         if causal:
             to_group = to_group & (k % size <= member)
+        if padded is not None:
+            to_group = to_group & ((k % size >= padded[b, group]) | (k % size == member))
         if sliding_window is not None:  # windows count cache slots (dca.masks)
             to_prefix = to_prefix & (slots[b, q] - positions[b, kv] < sliding_window)
             to_group = to_group & (member - k % size < sliding_window)

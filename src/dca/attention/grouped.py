@@ -29,7 +29,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dca.attention.kernel import grouped_attention_core
-from dca.masks import prefix_allowed, within_group_allowed
+from dca.masks import padded_latents, prefix_allowed, within_group_allowed
 
 GROUPED = "dca_grouped"
 
@@ -49,13 +49,20 @@ class GroupLayout:
     replaced: int = 0  # "overwrite": each group replaces the cache entries of the last this-many tokens up to t
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
+    def padded_latents(self) -> torch.Tensor | None:
+        """[B, P]: latents of each group that replace no token ("overwrite" at t < N-1), or None (`dca.masks`)."""
+        return padded_latents(self.prefix_valid, self.insert_at, self.replaced)
+
     def blocked(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What may NOT be attended, shaped for the scores: (prefix [B, 1, 1, P, G, T], group [G, G])."""
+        """What may NOT be attended, shaped for the scores: (prefix [B, 1, 1, P, G, T], group [G, G] or, where some
+        latents replace no token, [B, 1, 1, P, G, G])."""
         if sliding_window not in self._masks:
             to_prefix = prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
                                        sliding_window, self.replaced)
             to_group = within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
-                                            device=self.insert_at.device)
+                                            device=self.insert_at.device, padded=self.padded_latents())
+            if to_group.dim() == 4:  # per group ([B, P, G, G]): shaped like the prefix's
+                to_group = to_group[:, None, None]
             self._masks[sliding_window] = (~to_prefix[:, None, None], ~to_group)
         return self._masks[sliding_window]
 

@@ -61,7 +61,7 @@ class EvalArgs:
     seq_len: int = field(default=256, metadata=help_meta("tokens per held-out sequence"))
     positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
     min_position: int = field(default=0, metadata=help_meta(
-        "earliest augmentation point t; raised to what every coprocessor needs (overwrite: N-1)"))
+        "earliest augmentation point t; raised to every coprocessor's first_position (overwrite: N-1)"))
     point_seed: int = field(default=12345, metadata=help_meta(
         "seed of the augmentation points (another seed, another draw of points on the same sequences)"))
     ks: list[int] = field(default_factory=lambda: list(KS), metadata=help_meta("distances k of Table 1"))
@@ -201,7 +201,7 @@ def run_eval(args: EvalArgs) -> dict:
         write_file(out / "eval.md", "\n".join(sections + ([] if final else ["\n*(in progress)*\n"])).encode())
 
     if args.sequences > 0:
-        # latents that replace the last N tokens' entries ("overwrite") need t >= N-1: every model gets those points
+        # "overwrite" is scored where all N latents replace real tokens (t >= N-1): every model gets those points
         first = args.earliest_point([m.coprocessor.config for m in models.values()])
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
                                             args.seq_len, args.positions, max(args.ks), seed=args.point_seed,

@@ -152,7 +152,7 @@ def _setup(size: BenchSize, device: str, seed: int = 0):
     model.train()
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, size.vocab, (size.batch, size.seq_len), generator=generator).to(device)
-    first = model.coprocessor.config.first_position  # "overwrite" (the default) needs t >= N-1
+    first = model.coprocessor.config.first_position  # "overwrite" (the default): t >= N-1, all N latents read
     positions = torch.stack([torch.randperm(size.seq_len - 1 - first, generator=generator)[: size.positions].sort()
                              .values + first for _ in range(size.batch)]).to(device)
     finetuned = AutoModelForCausalLM.from_config(size.decoder_config()).to(device).train() \

@@ -118,7 +118,7 @@ def run_demo(args: DemoArgs) -> dict:
     print(f"[1/3] loading {args.model} and held-out {args.data} text", flush=True)
     decoder, tokenizer = load_model(args.model)
     model = AugmentedLM.from_pretrained(resolve_coprocessor(args.coprocessor), decoder)
-    first = model.coprocessor.config.first_position  # "overwrite" needs t >= N-1
+    first = model.coprocessor.config.first_position  # "overwrite": t >= N-1, where all N latents replace real tokens
     seqs, positions = held_out_eval_set(tokenizer, args.data, 0.05, args.sequences, args.seq_len, args.positions,
                                         max(KS), min_position=first)
     config = model.coprocessor.config

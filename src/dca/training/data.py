@@ -87,7 +87,7 @@ class BatchSchedule:
             raise DataError(f"only {len(sequences)} training sequences for a batch of {batch_size}: "
                              "use more text, a shorter seq_len or a smaller batch")
         self.sequences, self.batch_size, self.num_positions, self.seed = sequences, batch_size, num_positions, seed
-        self.max_delay, self.min_position = max_delay, min_position  # "overwrite" needs t >= N-1
+        self.max_delay, self.min_position = max_delay, min_position  # "overwrite" samples t >= N-1 by default
         self.batches_per_epoch = len(sequences) // batch_size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -142,7 +142,7 @@ class TrainArgs:
         first = self.first_position()
         if self.positions > self.seq_len - 1 - first:
             raise ArgumentError("positions", f"({self.positions}) must be at most seq_len - 1 - {first} = "
-                                f"{self.seq_len - 1 - first}: latent_positions='overwrite' needs t >= N-1 = {first}")
+                                f"{self.seq_len - 1 - first}: latent_positions='overwrite' samples t >= N-1 = {first}")
 
     def first_position(self) -> int:
         """The earliest insertion point sampled: N-1 when the latents replace the last N tokens' entries, else 0."""

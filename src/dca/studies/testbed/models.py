@@ -182,11 +182,9 @@ def score(generate: Callable[..., torch.Tensor], tokenizer: Tokenizer, examples:
 
 
 def coprocessor_config(kind: str, num_latents: int, num_ahead: int) -> tuple[CoprocessorConfig, str]:
-    """(config, how it was made) for ``dca`` (dca's mapping, latents appended), ``paper`` (the preset) or ``pause``."""
+    """(config, how it was made) for ``dca`` (dca's default), ``paper`` (the preset) or ``pause``."""
     if kind == "pause":
         return CoprocessorConfig(method="pause", num_latents=num_latents, num_ahead=num_ahead), "method='pause'"
-    if kind == "dca":  # dca's mapping with its latents appended ("replay", the default until "overwrite"): a task
-        # prompt may be shorter than N, and training "overwrite" needs N tokens before each insertion point
-        return (CoprocessorConfig.dca(num_latents=num_latents, num_ahead=num_ahead, latent_positions="replay"),
-                "CoprocessorConfig(latent_positions='replay')")
+    if kind == "dca":  # "overwrite": a question shorter than N keeps one latent per token, the last ones
+        return CoprocessorConfig.dca(num_latents=num_latents, num_ahead=num_ahead), "CoprocessorConfig.dca()"
     return CoprocessorConfig.paper(num_latents=num_latents, num_ahead=num_ahead), "CoprocessorConfig.paper()"
