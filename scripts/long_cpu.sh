@@ -130,4 +130,24 @@ for spec in late-points/wiki:wiki:0.05:256:100 late-points/owt:owt:0.9:256:100 \
     "${both[@]}" --sequences 128 --seq-len "$len" --positions 8 --min-position "$min" --batch-size 16 --out "$out" \
     > "$RUNS/eval-${name//\//-}.log" 2>&1
 done
+# session 9: a second seed of the overwrite run (the same command, --seed 1: another data order and LoRA initialisation;
+# the soft tokens keep init_seed 0), scored on the more-sequences tables' sequences and points, paired against pause tokens
+mkdir -p "${RUNS}-seed1"
+RUNS=${RUNS}-seed1 run overwrite-n16 --lora-rank 16 --latent-positions overwrite --seed 1 \
+  >> "${RUNS}-seed1/overwrite-n16.log" 2>&1
+more=$REPORT/budget-1200/more-sequences
+for split in wiki:0.05:192 owt:0.9:384; do
+  IFS=: read -r data fraction sequences <<< "$split"
+  out=$more/seed1-$data
+  if [[ ! -f $out/eval.json ]]; then
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
+      --coprocessors "${RUNS}-seed1/overwrite-n16/adapter" --sequences "$sequences" --positions 8 --min-position 15 \
+      --batch-size 16 --out "$out" > "$RUNS/eval-more-seed1-$data.log" 2>&1 &
+  fi
+done
+wait
+for data in wiki owt; do
+  .venv/bin/python scripts/paired.py "$more/seed1-$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
+    > "$more/paired-seed1-$data.md"
+done
 echo "== long-cpu done ($(date -u +%H:%M))"

@@ -170,6 +170,11 @@ def test_the_layout_is_saved_and_sampled_points_leave_room():
     args = TrainArgs(seq_len=20, positions=15, coprocessor=config)  # t in [4, 18]
     assert args.first_position() == 4 and TrainArgs(coprocessor=replay).first_position() == 0
     assert TrainArgs().first_position() == 15  # the default: N = 16, "overwrite"
+    early = TrainArgs(seq_len=20, positions=19, min_position=0, coprocessor=config)  # every point, t in [0, 18]
+    assert early.first_position() == 0 and "min_position" in early.identity()
+    assert "min_position" not in args.identity()  # runs saved before the option resume as the same runs
+    with pytest.raises(ArgumentError, match="^min_position "):
+        TrainArgs(min_position=-1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -119,3 +119,24 @@ def test_max_delay_trains_with_late_groups_and_is_part_of_the_run(assets, tmp_pa
         train(args_for(assets, tmp_path / "run", steps=2, max_delay=2))
     with pytest.raises(ValueError, match="max_delay"):
         args_for(assets, tmp_path / "x", max_delay=-1)
+
+
+def test_min_position_trains_overwrite_before_n_tokens_and_is_part_of_the_run(assets, tmp_path, monkeypatch):
+    seen = []
+    original = AugmentedLM.training_loss
+
+    def spy(self, input_ids, positions, *args, **kwargs):
+        seen.append(positions)
+        return original(self, input_ids, positions, *args, **kwargs)
+
+    monkeypatch.setattr(AugmentedLM, "training_loss", spy)
+    overwrite = {"coprocessor": {"num_latents": 6}}  # "overwrite", the default layout: t >= 5 unless told
+    train(args_for(assets, tmp_path / "default", steps=1, eval_every=1, **overwrite))
+    assert int(torch.cat([p.flatten() for p in seen]).min()) >= 5
+    seen.clear()
+    train(args_for(assets, tmp_path / "run", steps=2, min_position=0, **overwrite))
+    assert int(torch.cat([p.flatten() for p in seen]).min()) < 5  # points with fewer than N tokens: trained
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    with pytest.raises(ArgumentError, match=r"min_position: 0 then, 1 now"):
+        train(args_for(assets, tmp_path / "run", steps=2, min_position=1, **overwrite))

@@ -84,6 +84,9 @@ class TrainArgs:
     max_delay: int = field(default=0, metadata=help_meta(
         "delay-robust training: each group's latents, computed from x[0..t], are inserted after x[t+d], d drawn "
         "from 0..max_delay (what asynchronous augmentation does at inference); 0: no delay"))
+    min_position: int | None = field(default=None, metadata=help_meta(
+        "earliest insertion point t sampled (default: the layout's first_position, N-1 under 'overwrite', where "
+        "every latent replaces a real token; earlier points read only the last t+1 latents; else 0)"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per packed training sequence"))
     batch_size: int = field(default=4, metadata=help_meta("sequences per micro-batch and process (under torchrun "
                                                           "the global batch is this x the processes)"))
@@ -120,6 +123,8 @@ class TrainArgs:
         check_int("seq_len", self.seq_len, minimum=2)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_int("max_delay", self.max_delay, minimum=0)
+        if self.min_position is not None:
+            check_int("min_position", self.min_position, minimum=0)
         check_int("seed", self.seed, minimum=0)
         if self.max_docs is not None:
             check_int("max_docs", self.max_docs)
@@ -142,11 +147,11 @@ class TrainArgs:
         first = self.first_position()
         if self.positions > self.seq_len - 1 - first:
             raise ArgumentError("positions", f"({self.positions}) must be at most seq_len - 1 - {first} = "
-                                f"{self.seq_len - 1 - first}: latent_positions='overwrite' samples t >= N-1 = {first}")
+                                f"{self.seq_len - 1 - first}: points are sampled from t >= {first}")
 
     def first_position(self) -> int:
-        """The earliest insertion point sampled: N-1 when the latents replace the last N tokens' entries, else 0."""
-        return self.coprocessor.first_position
+        """The earliest insertion point sampled: `min_position`, or the layout's (N-1 under "overwrite", else 0)."""
+        return self.coprocessor.first_position if self.min_position is None else self.min_position
 
     def check_sources(self) -> None:
         """The model, the data and the run folder exist and can be used (cheap: nothing is loaded)."""
@@ -162,6 +167,8 @@ class TrainArgs:
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
         if not self.max_delay:  # runs from before the option existed are the same runs
             del identity["max_delay"]
+        if self.min_position is None:  # likewise
+            del identity["min_position"]
         return {**identity, "batch_size": self.batch_size * world_size}
 
 
