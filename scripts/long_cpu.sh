@@ -149,5 +149,7 @@ wait
 for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/seed1-$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
     > "$more/paired-seed1-$data.md"
+  .venv/bin/python scripts/paired.py "$more/$data/eval.json:overwrite-n16=seed-0" \
+    "$more/seed1-$data/eval.json:overwrite-n16=seed-1" > "$more/paired-seeds-$data.md"
 done
 echo "== long-cpu done ($(date -u +%H:%M))"

@@ -114,7 +114,7 @@ def prefix_allowed(
 
 
 def padded_latents(prefix_valid: torch.Tensor, insert_at: torch.Tensor, replaced: int) -> torch.Tensor | None:
-    """[B, P]: how many of each group's first latents replace no token, or None where none does.
+    """[B, P]: how many of each group's first latents replace no token, or None when no group has any.
 
     Under "overwrite" a group at a point with r < N real tokens up to it replaces all r and has N - r latents
     left over: they stand where `augment` left-pads a short prompt to N, and like that padding no other member

@@ -72,6 +72,16 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     printed = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro", f"{tmp_path}/eval.json:pause",
                               "--bootstrap", "50"], capture_output=True, text=True, check=True).stdout
     assert printed.strip() in text
+    # relabelled, one coprocessor against itself: no change at any k, and nothing to resample
+    itself = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro=a",
+                             f"{tmp_path}/eval.json:copro=b", "--bootstrap", "50"], capture_output=True, text=True,
+                            check=True).stdout
+    rows = [line for line in itself.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert "| k | a vs b |" in itself and len(rows) == len(paired["rel_change"])
+    assert all(row.split("|")[2].strip() == "+0.00% [+0.0, +0.0]" for row in rows), rows
+    twice = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro", f"{tmp_path}/eval.json:copro"],
+                           capture_output=True, text=True)
+    assert twice.returncode == 2 and "copro is named twice" in twice.stderr
     without = run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40,
                                 positions=2, bootstrap=50, untrained=False, out=str(tmp_path / "plain")))
     assert "table1_untrained" not in without and "untrained |" not in (tmp_path / "plain" / "eval.md").read_text()
