@@ -152,4 +152,23 @@ for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/$data/eval.json:overwrite-n16=seed-0" \
     "$more/seed1-$data/eval.json:overwrite-n16=seed-1" > "$more/paired-seeds-$data.md"
 done
+# session 9: full fine-tuning of the coprocessor (the paper's best training, its Table 5) at the same budget: the
+# overwrite command with lora_rank unset and lr 1e-4 (106M trainable parameters), scored as the two seeds above
+mkdir -p "${RUNS}-full"
+RUNS=${RUNS}-full run overwrite-n16 --latent-positions overwrite --lr 1e-4 --save-every 100 \
+  >> "${RUNS}-full/overwrite-n16.log" 2>&1
+for split in wiki:0.05:192 owt:0.9:384; do
+  IFS=: read -r data fraction sequences <<< "$split"
+  out=$more/full-$data
+  if [[ ! -f $out/eval.json ]]; then
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
+      --coprocessors "${RUNS}-full/overwrite-n16/adapter" --sequences "$sequences" --positions 8 --min-position 15 \
+      --batch-size 16 --out "$out" > "$RUNS/eval-more-full-$data.log" 2>&1 &
+  fi
+done
+wait
+for data in wiki owt; do
+  .venv/bin/python scripts/paired.py "$more/full-$data/eval.json:overwrite-n16=full" "$more/$data/eval.json:pause-n16" \
+    "$more/$data/eval.json:overwrite-n16=lora" > "$more/paired-full-$data.md"
+done
 echo "== long-cpu done ($(date -u +%H:%M))"

@@ -175,6 +175,8 @@ def test_the_layout_is_saved_and_sampled_points_leave_room():
     assert "min_position" not in args.identity()  # runs saved before the option resume as the same runs
     with pytest.raises(ArgumentError, match="^min_position "):
         TrainArgs(min_position=-1)
+    with pytest.raises(ArgumentError, match="^min_position .*a point needs a token after it"):
+        TrainArgs(seq_len=20, positions=1, min_position=19)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -125,6 +125,9 @@ class TrainArgs:
         check_int("max_delay", self.max_delay, minimum=0)
         if self.min_position is not None:
             check_int("min_position", self.min_position, minimum=0)
+            if self.min_position > self.seq_len - 2:
+                raise ArgumentError("min_position", f"({self.min_position}) must be below seq_len - 1 "
+                                    f"({self.seq_len - 1}): a point needs a token after it")
         check_int("seed", self.seed, minimum=0)
         if self.max_docs is not None:
             check_int("max_docs", self.max_docs)
