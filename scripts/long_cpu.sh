@@ -130,22 +130,24 @@ for spec in late-points/wiki:wiki:0.05:256:100 late-points/owt:owt:0.9:256:100 \
     "${both[@]}" --sequences 128 --seq-len "$len" --positions 8 --min-position "$min" --batch-size 16 --out "$out" \
     > "$RUNS/eval-${name//\//-}.log" 2>&1
 done
+more=$REPORT/budget-1200/more-sequences
+score_more() {  # score_more NAME ADAPTER: the more-sequences tables' sequences and points, both corpora, into more/NAME-*
+  local name=$1 adapter=$2 split data fraction sequences
+  for split in wiki:0.05:192 owt:0.9:384; do
+    IFS=: read -r data fraction sequences <<< "$split"
+    [[ -f $more/$name-$data/eval.json ]] && continue
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
+      --coprocessors "$adapter" --sequences "$sequences" --positions 8 --min-position 15 --batch-size 16 \
+      --out "$more/$name-$data" > "$RUNS/eval-more-$name-$data.log" 2>&1 &
+  done
+  wait
+}
 # session 9: a second seed of the overwrite run (the same command, --seed 1: another data order and LoRA initialisation;
-# the soft tokens keep init_seed 0), scored on the more-sequences tables' sequences and points, paired against pause tokens
+# the soft tokens keep init_seed 0), paired against pause tokens and against seed 0
 mkdir -p "${RUNS}-seed1"
 RUNS=${RUNS}-seed1 run overwrite-n16 --lora-rank 16 --latent-positions overwrite --seed 1 \
   >> "${RUNS}-seed1/overwrite-n16.log" 2>&1
-more=$REPORT/budget-1200/more-sequences
-for split in wiki:0.05:192 owt:0.9:384; do
-  IFS=: read -r data fraction sequences <<< "$split"
-  out=$more/seed1-$data
-  if [[ ! -f $out/eval.json ]]; then
-    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
-      --coprocessors "${RUNS}-seed1/overwrite-n16/adapter" --sequences "$sequences" --positions 8 --min-position 15 \
-      --batch-size 16 --out "$out" > "$RUNS/eval-more-seed1-$data.log" 2>&1 &
-  fi
-done
-wait
+score_more seed1 "${RUNS}-seed1/overwrite-n16/adapter"
 for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/seed1-$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
     > "$more/paired-seed1-$data.md"
@@ -153,20 +155,11 @@ for data in wiki owt; do
     "$more/seed1-$data/eval.json:overwrite-n16=seed-1" > "$more/paired-seeds-$data.md"
 done
 # session 9: full fine-tuning of the coprocessor (the paper's best training, its Table 5) at the same budget: the
-# overwrite command with lora_rank unset and lr 1e-4 (106M trainable parameters), scored as the two seeds above
+# overwrite command with lora_rank unset and lr 1e-4 (106M trainable parameters), paired against pause tokens and LoRA
 mkdir -p "${RUNS}-full"
 RUNS=${RUNS}-full run overwrite-n16 --latent-positions overwrite --lr 1e-4 --save-every 100 \
   >> "${RUNS}-full/overwrite-n16.log" 2>&1
-for split in wiki:0.05:192 owt:0.9:384; do
-  IFS=: read -r data fraction sequences <<< "$split"
-  out=$more/full-$data
-  if [[ ! -f $out/eval.json ]]; then
-    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
-      --coprocessors "${RUNS}-full/overwrite-n16/adapter" --sequences "$sequences" --positions 8 --min-position 15 \
-      --batch-size 16 --out "$out" > "$RUNS/eval-more-full-$data.log" 2>&1 &
-  fi
-done
-wait
+score_more full "${RUNS}-full/overwrite-n16/adapter"
 for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/full-$data/eval.json:overwrite-n16=full" "$more/$data/eval.json:pause-n16" \
     "$more/$data/eval.json:overwrite-n16=lora" > "$more/paired-full-$data.md"
