@@ -104,11 +104,19 @@ def test_min_position_and_point_seed_choose_the_points(assets, tmp_path):
     expected = perplexity_by_position(AugmentedLM.from_pretrained(paths[0], decoder), seqs, positions, (1, 2),
                                       bootstrap=20)
     assert report["rel_change"] == pytest.approx(expected.rel_change, rel=1e-5, abs=1e-7)
-    # below the coprocessor's own earliest point (N - 1 = 3) it is raised, not refused
+    # unset, it is the coprocessor's own earliest point (N - 1 = 3 under "overwrite"); below that it is honoured
+    default = EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
+                       bootstrap=20, untrained=False, out=str(tmp_path / "default"))
+    run_eval(default)
+    assert "at t >= 3;" in (tmp_path / "default" / "eval.md").read_text()
     low = EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
-                   min_position=1, bootstrap=20, untrained=False, out=str(tmp_path / "low"))
-    run_eval(low)
-    assert "at t >= 3;" in (tmp_path / "low" / "eval.md").read_text()
+                   ks=[1, 32], min_position=0, bootstrap=20, untrained=False, out=str(tmp_path / "low"))
+    report = run_eval(low)["table1"]["copro"]
+    seqs, positions = held_out_eval_set(tokenizer, corpus, 0.05, 3, 40, 2, 32, min_position=0)  # t <= 7
+    assert positions.min() < 3
+    expected = perplexity_by_position(AugmentedLM.from_pretrained(paths[0], decoder), seqs, positions, (1, 32),
+                                      bootstrap=20)
+    assert report["rel_change"] == pytest.approx(expected.rel_change, rel=1e-5, abs=1e-7)
     # too late a point for the sequence length is refused before anything is loaded
     with pytest.raises(ArgumentError, match="seq_len"):
         EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,

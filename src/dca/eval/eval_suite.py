@@ -60,8 +60,9 @@ class EvalArgs:
     sequences: int = field(default=32, metadata=help_meta("held-out sequences (0 skips Table 1)"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per held-out sequence"))
     positions: int = field(default=8, metadata=help_meta("augmentation points per sequence"))
-    min_position: int = field(default=0, metadata=help_meta(
-        "earliest augmentation point t; raised to every coprocessor's first_position (overwrite: N-1)"))
+    min_position: int | None = field(default=None, metadata=help_meta(
+        "earliest augmentation point t (default: the latest first_position of the coprocessors, N-1 under "
+        "'overwrite', where every latent replaces a real token)"))
     point_seed: int = field(default=12345, metadata=help_meta(
         "seed of the augmentation points (another seed, another draw of points on the same sequences)"))
     ks: list[int] = field(default_factory=lambda: list(KS), metadata=help_meta("distances k of Table 1"))
@@ -87,7 +88,8 @@ class EvalArgs:
         check_int("seq_len", self.seq_len, minimum=2)
         check_int("seed", self.seed, minimum=0)
         check_int("latent_delay", self.latent_delay, minimum=0)
-        check_int("min_position", self.min_position, minimum=0)
+        if self.min_position is not None:
+            check_int("min_position", self.min_position, minimum=0)
         check_int("point_seed", self.point_seed, minimum=0)
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise ArgumentError("ks", f"must be distances >= 1, got {self.ks}")
@@ -107,8 +109,10 @@ class EvalArgs:
         check_device("device", self.device)
 
     def earliest_point(self, configs: Sequence[CoprocessorConfig]) -> int:
-        """Table 1's earliest augmentation point: `min_position`, raised to what every coprocessor needs."""
-        return max([self.min_position, *(config.first_position for config in configs)])
+        """Table 1's earliest augmentation point: `min_position`, or the latest first_position of `configs`."""
+        if self.min_position is not None:
+            return self.min_position
+        return max(config.first_position for config in configs)
 
     def check_sources(self) -> None:
         """The model, the data, every coprocessor folder and the report folder (cheap: nothing is loaded)."""
@@ -116,7 +120,7 @@ class EvalArgs:
                                      for path in self.coprocessors])
         if self.sequences and first + max(self.ks) + self.positions > self.seq_len:
             raise ArgumentError("seq_len", f"({self.seq_len}) leaves fewer than positions={self.positions} points "
-                                f"t >= {first} (the coprocessors' earliest) with t + {max(self.ks)} inside it")
+                                f"t >= {first} (the earliest point) with t + {max(self.ks)} inside it")
         check_model_source("model", self.model)
         if self.sequences:
             check_data_source("data", self.data)
@@ -201,7 +205,7 @@ def run_eval(args: EvalArgs) -> dict:
         write_file(out / "eval.md", "\n".join(sections + ([] if final else ["\n*(in progress)*\n"])).encode())
 
     if args.sequences > 0:
-        # "overwrite" is scored where all N latents replace real tokens (t >= N-1): every model gets those points
+        # by default "overwrite" is scored where all N latents replace real tokens (t >= N-1); every model, same points
         first = args.earliest_point([m.coprocessor.config for m in models.values()])
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
                                             args.seq_len, args.positions, max(args.ks), seed=args.point_seed,

@@ -74,8 +74,8 @@ class InitStudyArgs:
     seq_len: int = field(default=192, metadata=help_meta("tokens per sequence"))
     positions: int = field(default=6, metadata=help_meta("augmentation points per sequence"))
     min_position: int | None = field(default=None, metadata=help_meta(
-        "earliest augmentation point (default: N-1 when an 'overwrite' variant is measured, which needs N tokens "
-        "up to t, else 0); every variant is measured at the same points"))
+        "earliest augmentation point (default: N-1 when an 'overwrite' variant is measured, where every latent "
+        "replaces a real token, else 0); every variant is measured at the same points"))
     held_out_fraction: float = field(default=0.05, metadata=help_meta("as in dca train"))
     variants: list[str] = field(default_factory=list, metadata=help_meta("names of the mappings to measure "
                                                                            "(default: all of VARIANTS)"))
@@ -91,9 +91,6 @@ class InitStudyArgs:
         check_number("held_out_fraction", self.held_out_fraction, low=0, high=1, low_open=True)
         if self.min_position is not None:
             check_int("min_position", self.min_position, minimum=0)
-            if self._overwrites() and self.min_position < self.num_latents - 1:
-                raise ArgumentError("min_position", f"must be >= N-1 = {self.num_latents - 1} when an 'overwrite' "
-                                    f"variant is measured, got {self.min_position}")
 
     def _overwrites(self) -> bool:
         return any(VARIANTS[name].get("latent_positions") == "overwrite" for name in self.variants or VARIANTS)
