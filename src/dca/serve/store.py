@@ -126,13 +126,14 @@ class ContextStore:
         """Compute the augmented cache of the document `tokens` ([L] ids) and write it to the store."""
         tokens = _check_tokens(tokens, model)
         identity = model_identity(model)  # (which refuses a model without a coprocessor)
-        replaced = model.coprocessor.config.replaced_entries
-        if tokens.numel() < replaced:  # augment would pad it: a stored cache holds the document's entries only
-            raise ValueError(f"a stored document needs at least N={replaced} tokens under latent_positions="
-                             f"'overwrite' (its latents replace the last N), got {tokens.numel()}")
         out = model.augment(tokens[None].to(model.device))
-        context = StoredContext(tokens, out.past_key_values, out.latents, out.logits, out.latent_position_ids,
-                                out.next_position_ids)
+        cache, latents, latent_pos = out.past_key_values, out.latents, out.latent_position_ids
+        padded = model.coprocessor.config.replaced_entries - tokens.numel()
+        if padded > 0:  # "overwrite" left-padded a short document and masked the latents over padding: drop them
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[..., padded:, :], layer.values[..., padded:, :]
+            latents, latent_pos = latents[:, padded:], latent_pos[:, padded:]
+        context = StoredContext(tokens, cache, latents, out.logits, latent_pos, out.next_position_ids)
         context.path = self._write(identity, context, model)
         return context
 
