@@ -93,6 +93,26 @@ def test_a_diverging_run_exits_non_zero_with_one_line(train_assets, tmp_path, ca
                                        "loss or gradient\n")
 
 
+def test_under_torchrun_a_bad_argument_is_said_once_and_other_errors_name_their_rank(train_assets, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from dca.errors import TrainingDiverged
+
+    ok = ["train", "--model", train_assets[0], "--data", train_assets[1], "--out", str(tmp_path)]
+    bad = [*ok, "--steps", "0"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "dca train: error: --steps must be an integer >= 1, got 0\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(bad) == 2
+        assert capsys.readouterr().err == said  # every rank validates the same arguments: rank 0 alone says so
+
+    def diverge(args, callback=None):  # what one rank meets may differ from the others: each says it
+        raise TrainingDiverged("step 7: non-finite")
+
+    monkeypatch.setattr("dca.training.train.train", diverge)
+    assert main(ok) == 1
+    assert capsys.readouterr().err == "dca train (rank 0): error: step 7: non-finite\n"
+
+
 def test_a_real_bug_keeps_its_traceback(monkeypatch):
     def bug(args, callback=None):
         raise ValueError("an internal invariant broke")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -173,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err)
         if isinstance(err, ArgumentError) and err.argument in vars(namespace):
             message = f"--{err.argument.replace('_', '-')} {err.message}"
-        print(f"dca {namespace.command}: error: {' '.join(message.split())}", file=sys.stderr)
+        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if isinstance(err, ArgumentError):  # every torchrun rank validates the same arguments: rank 0 says it once
+            if rank != "0":
+                return err.exit_code
+            world = 1
+        where = f" (rank {rank})" if world > 1 else ""
+        print(f"dca {namespace.command}{where}: error: {' '.join(message.split())}", file=sys.stderr)
         return err.exit_code
     return 0
 
