@@ -68,6 +68,12 @@ NOT_IDENTITY = ("out", "model", "data", "eval_every", "eval_sequences", "save_ev
                 "preset")  # the preset only names where `coprocessor` started; its fields are the identity
 
 
+def legacy_meta(value: object) -> dict[str, object]:
+    """Field metadata of an option added after runs existed: at `value` (what those runs did) it is left out of a
+    run's identity, so they resume."""
+    return {"legacy": value}
+
+
 @dataclass
 class TrainArgs:
     """Arguments of `dca train` (and of `dca.training.train.train`)."""
@@ -81,10 +87,10 @@ class TrainArgs:
         "where the coprocessor's fields start: paper (the paper's literal method, CoprocessorConfig.paper) or dca "
         "(dca's own default); the command line applies it and any coprocessor option given overrides it", PRESETS))
     positions: int = field(default=16, metadata=help_meta("P, insertion points sampled per sequence"))
-    max_delay: int = field(default=0, metadata=help_meta(
+    max_delay: int = field(default=0, metadata=legacy_meta(0) | help_meta(
         "delay-robust training: each group's latents, computed from x[0..t], are inserted after x[t+d], d drawn "
         "from 0..max_delay (what asynchronous augmentation does at inference); 0: no delay"))
-    min_position: int | None = field(default=None, metadata=help_meta(
+    min_position: int | None = field(default=None, metadata=legacy_meta(None) | help_meta(
         "earliest insertion point t sampled (default: the layout's first_position, N-1 under 'overwrite', where "
         "every latent replaces a real token; earlier points read only the last t+1 latents; else 0)"))
     seq_len: int = field(default=256, metadata=help_meta("tokens per packed training sequence"))
@@ -167,11 +173,9 @@ class TrainArgs:
 
         The batch size is the global one, so K processes x batch B resume as one process x batch K*B.
         """
-        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
-        if not self.max_delay:  # runs from before the option existed are the same runs
-            del identity["max_delay"]
-        if self.min_position is None:  # likewise
-            del identity["min_position"]
+        legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(self) if "legacy" in f.metadata}
+        identity = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in NOT_IDENTITY and not (k in legacy and v == legacy[k])}
         return {**identity, "batch_size": self.batch_size * world_size}
 
 
