@@ -164,4 +164,19 @@ for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/full-$data/eval.json:overwrite-n16=full" "$more/$data/eval.json:pause-n16" \
     "$more/$data/eval.json:overwrite-n16=lora" > "$more/paired-full-$data.md"
 done
+# session 10, side by side: the overwrite run sampling every point t >= 0 (as the paper does; the others sample
+# t >= N-1 = 15), and full fine-tuning at lr 3e-4 (the second point of a two-point sweep, 1e-4 being the first)
+mkdir -p "${RUNS}-minpos0" "${RUNS}-full3e-4"
+RUNS=${RUNS}-minpos0 run overwrite-n16 --lora-rank 16 --latent-positions overwrite --min-position 0 \
+  >> "${RUNS}-minpos0/overwrite-n16.log" 2>&1 &
+RUNS=${RUNS}-full3e-4 run overwrite-n16 --latent-positions overwrite --lr 3e-4 --save-every 100 \
+  >> "${RUNS}-full3e-4/overwrite-n16.log" 2>&1 &
+wait
+score_more minpos0 "${RUNS}-minpos0/overwrite-n16/adapter"
+score_more full3e-4 "${RUNS}-full3e-4/overwrite-n16/adapter"
+for data in wiki owt; do
+  .venv/bin/python scripts/paired.py "$more/minpos0-$data/eval.json:overwrite-n16=t>=0" \
+    "$more/full3e-4-$data/eval.json:overwrite-n16=full-3e-4" "$more/$data/eval.json:pause-n16" \
+    "$more/$data/eval.json:overwrite-n16=t>=15" > "$more/paired-session10-$data.md"
+done
 echo "== long-cpu done ($(date -u +%H:%M))"
