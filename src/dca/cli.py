@@ -174,12 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err)
         if isinstance(err, ArgumentError) and err.argument in vars(namespace):
             message = f"--{err.argument.replace('_', '-')} {err.message}"
-        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if isinstance(err, ArgumentError):  # every torchrun rank validates the same arguments: rank 0 says it once
-            if rank != "0":
-                return err.exit_code
-            world = 1
-        where = f" (rank {rank})" if world > 1 else ""
+        rank, said_by_all = os.environ.get("RANK", "0"), isinstance(err, ArgumentError)
+        if said_by_all and rank != "0":  # every torchrun rank validates the same arguments: rank 0 says it once
+            return err.exit_code
+        where = f" (rank {rank})" if not said_by_all and int(os.environ.get("WORLD_SIZE") or 1) > 1 else ""
         print(f"dca {namespace.command}{where}: error: {' '.join(message.split())}", file=sys.stderr)
         return err.exit_code
     return 0
