@@ -176,7 +176,7 @@ score_more minpos0 "${RUNS}-minpos0/overwrite-n16/adapter"
 score_more full3e-4 "${RUNS}-full3e-4/overwrite-n16/adapter"
 for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/minpos0-$data/eval.json:overwrite-n16=t>=0" \
-    "$more/full3e-4-$data/eval.json:overwrite-n16=full-3e-4" "$more/$data/eval.json:pause-n16" \
-    "$more/$data/eval.json:overwrite-n16=t>=15" > "$more/paired-session10-$data.md"
+    "$more/full3e-4-$data/eval.json:overwrite-n16=full-3e-4" "$more/$data/eval.json:pause-n16=pause" \
+    "$more/$data/eval.json:overwrite-n16=lora-t>=15" > "$more/paired-session10-$data.md"
 done
 echo "== long-cpu done ($(date -u +%H:%M))"
