@@ -179,4 +179,19 @@ for data in wiki owt; do
     "$more/full3e-4-$data/eval.json:overwrite-n16=full-3e-4" "$more/$data/eval.json:pause-n16=pause" \
     "$more/$data/eval.json:overwrite-n16=lora-t>=15" > "$more/paired-session10-$data.md"
 done
+# session 11: the overwrite run and pause tokens at twice that budget (2400 steps, 1.23M tokens: 1.2 passes over wiki's
+# 7,846 training sequences), side by side, one thread each; a run of two sessions (resumed from its checkpoint)
+RUNS_2400=${RUNS%-1200}-2400
+mkdir -p "$RUNS_2400"
+RUNS=$RUNS_2400 STEPS=2400 run overwrite-n16 --lora-rank 16 --latent-positions overwrite \
+  >> "$RUNS_2400/overwrite-n16.log" 2>&1 &
+RUNS=$RUNS_2400 STEPS=2400 run pause-n16 --method pause >> "$RUNS_2400/pause-n16.log" 2>&1 &
+wait
+score_more 2400-overwrite "$RUNS_2400/overwrite-n16/adapter"
+score_more 2400-pause "$RUNS_2400/pause-n16/adapter"
+for data in wiki owt; do
+  .venv/bin/python scripts/paired.py "$more/2400-overwrite-$data/eval.json:overwrite-n16=overwrite-2400" \
+    "$more/2400-pause-$data/eval.json:pause-n16=pause-2400" "$more/$data/eval.json:overwrite-n16=overwrite-1200" \
+    "$more/$data/eval.json:pause-n16=pause-1200" > "$more/paired-2400-$data.md"
+done
 echo "== long-cpu done ($(date -u +%H:%M))"

@@ -1,6 +1,7 @@
 import pytest
 
 from dca import CoprocessorConfig
+from dca.config import earliest_point
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -73,3 +74,11 @@ def test_the_dca_preset_is_the_default_and_differs_from_the_paper_where_the_read
     assert {k for k in dca if dca[k] != paper[k]} == {"latent_scale", "latent_anchor", "latent_positions"}
     with pytest.raises(ValueError, match="preset must be one of"):
         CoprocessorConfig.preset("literal")
+
+
+def test_earliest_point_is_min_position_or_the_latest_first_position():
+    overwrite = CoprocessorConfig(num_latents=4, latent_positions="overwrite")
+    after = CoprocessorConfig(num_latents=8, latent_positions="after")
+    assert earliest_point(None, [after, overwrite]) == 3  # every coprocessor on points where all of them apply
+    assert earliest_point(None, [after]) == 0 and earliest_point(None, []) == 0
+    assert earliest_point(0, [overwrite]) == 0 and earliest_point(7, [after]) == 7  # an explicit value is honoured

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,3 +218,9 @@ class CoprocessorConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def earliest_point(min_position: int | None, configs: Iterable[CoprocessorConfig]) -> int:
+    """The earliest augmentation point trained on or scored: `min_position` when given, else the latest
+    `first_position` of `configs`, so that every coprocessor is measured on the same points."""
+    return min_position if min_position is not None else max((c.first_position for c in configs), default=0)

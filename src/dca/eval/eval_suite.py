@@ -31,7 +31,7 @@ from dca.checks import (
     check_writable_dir,
     resolve_device,
 )
-from dca.config import CoprocessorConfig, help_meta
+from dca.config import earliest_point, help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.eval.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
 from dca.eval.evaluate import (
@@ -108,16 +108,11 @@ class EvalArgs:
             raise ArgumentError("sequences", "is 0 and no --benchmarks are given: there is nothing to evaluate")
         check_device("device", self.device)
 
-    def earliest_point(self, configs: Sequence[CoprocessorConfig]) -> int:
-        """Table 1's earliest augmentation point: `min_position`, or the latest first_position of `configs`."""
-        if self.min_position is not None:
-            return self.min_position
-        return max(config.first_position for config in configs)
-
     def check_sources(self) -> None:
         """The model, the data, every coprocessor folder and the report folder (cheap: nothing is loaded)."""
-        first = self.earliest_point([read_adapter_config(check_coprocessor("coprocessors", path))["coprocessor"]
-                                     for path in self.coprocessors])
+        configs = [read_adapter_config(check_coprocessor("coprocessors", path))["coprocessor"]
+                   for path in self.coprocessors]
+        first = earliest_point(self.min_position, configs)
         if self.sequences and first + max(self.ks) + self.positions > self.seq_len:
             raise ArgumentError("seq_len", f"({self.seq_len}) leaves fewer than positions={self.positions} points "
                                 f"t >= {first} (the earliest point) with t + {max(self.ks)} inside it")
@@ -206,7 +201,7 @@ def run_eval(args: EvalArgs) -> dict:
 
     if args.sequences > 0:
         # by default "overwrite" is scored where all N latents replace real tokens (t >= N-1); every model, same points
-        first = args.earliest_point([m.coprocessor.config for m in models.values()])
+        first = earliest_point(args.min_position, [m.coprocessor.config for m in models.values()])
         seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences,
                                             args.seq_len, args.positions, max(args.ks), seed=args.point_seed,
                                             min_position=first)

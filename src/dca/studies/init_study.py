@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dca.atomic import write_file
 from dca.checks import check_data_source, check_int, check_model_source, check_number, check_writable_dir
-from dca.config import PAPER_FIELDS, CoprocessorConfig, help_meta
+from dca.config import PAPER_FIELDS, CoprocessorConfig, earliest_point, help_meta
 from dca.errors import ArgumentError
 from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.model import AugmentedLM
@@ -92,14 +92,15 @@ class InitStudyArgs:
         if self.min_position is not None:
             check_int("min_position", self.min_position, minimum=0)
 
-    def _overwrites(self) -> bool:
-        return any(VARIANTS[name].get("latent_positions") == "overwrite" for name in self.variants or VARIANTS)
+    def measured(self) -> list[str]:
+        return [name for name in VARIANTS if not self.variants or name in self.variants]
+
+    def config(self, name: str) -> CoprocessorConfig:
+        return CoprocessorConfig(num_latents=self.num_latents, num_ahead=max(KS), **{**BASE, **VARIANTS[name]})
 
     def first_position(self) -> int:
         """The earliest augmentation point: `min_position`, or N-1 if a measured variant overwrites (else 0)."""
-        if self.min_position is not None:
-            return self.min_position
-        return self.num_latents - 1 if self._overwrites() else 0
+        return earliest_point(self.min_position, [self.config(name) for name in self.measured()])
 
 
 def run_init_study(args: InitStudyArgs) -> dict:
@@ -110,12 +111,10 @@ def run_init_study(args: InitStudyArgs) -> dict:
     seqs, positions = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences, args.seq_len,
                                         args.positions, max(KS), min_position=args.first_position())
     results = {}
-    for name, overrides in VARIANTS.items():
-        if args.variants and name not in args.variants:
-            continue
-        config = CoprocessorConfig(num_latents=args.num_latents, num_ahead=max(KS), **{**BASE, **overrides})
-        report = perplexity_by_position(AugmentedLM.from_decoder(decoder, config), seqs, positions, bootstrap=200)
-        results[name] = {"config": {**BASE, **overrides}, **report.to_dict()}
+    for name in args.measured():
+        model = AugmentedLM.from_decoder(decoder, args.config(name))
+        report = perplexity_by_position(model, seqs, positions, bootstrap=200)
+        results[name] = {"config": {**BASE, **VARIANTS[name]}, **report.to_dict()}
         print(f"{name:45s} " + " ".join(f"{100 * r:+10.1f}%" for r in report.rel_change), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

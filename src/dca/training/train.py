@@ -41,7 +41,7 @@ from dca.checks import (
     check_number,
     check_writable_dir,
 )
-from dca.config import PRESETS, CoprocessorConfig, help_meta
+from dca.config import PRESETS, CoprocessorConfig, earliest_point, help_meta
 from dca.errors import ArgumentError, DataError, TrainingDiverged
 from dca.eval.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
@@ -160,7 +160,7 @@ class TrainArgs:
 
     def first_position(self) -> int:
         """The earliest insertion point sampled: `min_position`, or the layout's (N-1 under "overwrite", else 0)."""
-        return self.coprocessor.first_position if self.min_position is None else self.min_position
+        return earliest_point(self.min_position, [self.coprocessor])
 
     def check_sources(self) -> None:
         """The model, the data and the run folder exist and can be used (cheap: nothing is loaded)."""
