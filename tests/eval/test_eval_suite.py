@@ -11,7 +11,8 @@ import torch
 from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.eval.eval_suite import EvalArgs, plot_accuracy_by_latents, run_eval
+from dca.errors import ArgumentError
+from dca.eval.eval_suite import EvalArgs, coprocessor_labels, plot_accuracy_by_latents, run_eval
 from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.resources import load_model
 
@@ -123,6 +124,21 @@ def test_min_position_and_point_seed_choose_the_points(assets, tmp_path):
                  ks=[1, 2], min_position=37, out=str(tmp_path / "late")).check_sources()
     with pytest.raises(ArgumentError, match="point_seed"):
         EvalArgs(coprocessors=paths[:1], point_seed=-1)
+
+
+def test_coprocessors_of_one_name_are_told_apart_by_their_parent_folders(assets, tmp_path):
+    model_dir, corpus, paths = assets
+    decoder, _ = load_model(model_dir)
+    copro = AugmentedLM.from_pretrained(paths[0], decoder)
+    other = [str(copro.save_pretrained(tmp_path / run / "copro" / "adapter")) for run in ("seed-0", "seed-1")]
+    result = run_eval(EvalArgs(coprocessors=[paths[0], *other], model=model_dir, data=corpus, sequences=3, seq_len=40,
+                               positions=2, bootstrap=50, untrained=False, out=str(tmp_path / "report")))
+    first = f"{Path(paths[0]).parent.name}/copro"  # each named by as many folders as it takes, all three alike
+    assert list(result["table1"]) == [first, "seed-0/copro", "seed-1/copro"]  # three columns, none overwritten
+    assert result["table1"]["seed-0/copro"]["rel_change"] == result["table1"][first]["rel_change"]
+    assert coprocessor_labels(["runs/a/x/adapter", "runs/b/a/x"]) == ["runs/a/x", "b/a/x"]
+    with pytest.raises(ArgumentError, match="coprocessors names 'x' twice"):
+        EvalArgs(coprocessors=["x", "x/adapter"])  # one folder, given twice
 
 
 def _synthetic_eval(latents: dict[str, tuple[str, int]]) -> dict:

@@ -104,6 +104,7 @@ class EvalArgs:
             raise ArgumentError("benchmarks", f"has unknown names {unknown}; known: {', '.join(BENCHMARKS)}")
         if not self.coprocessors:
             raise ArgumentError("coprocessors", "is empty: name at least one saved coprocessor")
+        coprocessor_labels(self.coprocessors)
         if self.sequences == 0 and not self.benchmarks:
             raise ArgumentError("sequences", "is 0 and no --benchmarks are given: there is nothing to evaluate")
         check_device("device", self.device)
@@ -122,8 +123,19 @@ class EvalArgs:
         check_writable_dir("out", self.out)
 
 
-def _label(path: str) -> str:
-    return Path(path).name if Path(path).name not in ("adapter", "") else Path(path).parent.name
+def coprocessor_labels(paths: Sequence[str]) -> list[str]:
+    """Each coprocessor's name in the tables: its folder (the run's, for `RUN/adapter`), with as many parent folders
+    as it takes to tell apart coprocessors of one name (`runs/a/overwrite-n16`, `runs/b/overwrite-n16`)."""
+    parts = [p.parts[:-1] if p.name == "adapter" else p.parts for p in map(Path, paths)]
+    depth = [1] * len(parts)
+    while True:
+        labels = ["/".join(folders[-d:]) for folders, d in zip(parts, depth, strict=True)]
+        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not clashes:
+            return labels
+        if all(depth[i] >= len(parts[i]) for i in clashes):
+            raise ArgumentError("coprocessors", f"names {paths[clashes[0]]!r} twice")
+        depth = [d + (i in clashes and d < len(parts[i])) for i, d in enumerate(depth)]
 
 
 def table1_markdown(reports: dict[str, PositionReport], latents: dict[str, int],
@@ -189,7 +201,8 @@ def run_eval(args: EvalArgs) -> dict:
     except ModuleNotFoundError as err:
         raise ResourceError(str(err)) from None
     decoder, tokenizer = load_model(args.model, device=resolve_device("device", args.device))
-    models = {_label(p): AugmentedLM.from_pretrained(resolve_coprocessor(p), decoder) for p in args.coprocessors}
+    models = {label: AugmentedLM.from_pretrained(resolve_coprocessor(path), decoder)
+              for label, path in zip(coprocessor_labels(args.coprocessors), args.coprocessors, strict=True)}
     latents = {name: m.coprocessor.config.num_latents for name, m in models.items()}
     result: dict = {"command": command, "args": asdict(args), "coprocessors": {
         name: m.coprocessor.config.to_dict() for name, m in models.items()}}
