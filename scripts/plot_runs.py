@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument("--ylim", type=float, nargs=2, default=None, help="the y range, in percent")
     args = parser.parse_args()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for spec in args.runs:
         label, _, folder = spec.rpartition("=")
         steps, changes = held_out_by_step(Path(folder))
@@ -39,7 +39,7 @@ def main() -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out perplexity change, %")
     ax.set_title("training's held-out check (mean over the ahead tokens)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"written to {args.out}")

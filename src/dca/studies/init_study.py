@@ -93,9 +93,11 @@ class InitStudyArgs:
             check_int("min_position", self.min_position, minimum=0)
 
     def measured(self) -> list[str]:
+        """The variants to measure, in VARIANTS' order."""
         return [name for name in VARIANTS if not self.variants or name in self.variants]
 
     def config(self, name: str) -> CoprocessorConfig:
+        """Variant `name` as a configuration: BASE with its overrides, N latents."""
         return CoprocessorConfig(num_latents=self.num_latents, num_ahead=max(KS), **{**BASE, **VARIANTS[name]})
 
     def first_position(self) -> int:
