@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dca.atomic import write_figure, write_file
 from dca.resources import load_model, load_texts
 from dca.training.data import split_texts, tokenize_and_pack
 
@@ -59,7 +60,7 @@ def main() -> None:
     results = [recent_mass(m, args.num_latents, args.sequences, args.seq_len, points, bos)
                for m in args.models for bos in ((False, True) if args.bos else (False,))]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "duplicate_attention.json").write_text(json.dumps(results, indent=2))
+    write_file(args.out / "duplicate_attention.json", json.dumps(results, indent=2))
     lines = [f"| model | layers | mass on the last {args.num_latents} tokens (mean over layers) | first layer | "
              "first layer, after the copies | max over layers | sink mass (mean) |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -67,7 +68,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['layers']} | {r['recent_mass_mean']:.3f} | {by_layer[0]:.3f} | "
                      f"{r['first_layer_after_copies']:.3f} | {max(by_layer):.3f} | "
                      f"{sum(r['sink_mass_by_layer']) / r['layers']:.3f} |")
-    (args.out / "duplicate_attention.md").write_text("\n".join(lines) + "\n")
+    write_file(args.out / "duplicate_attention.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(results, args.out / "duplicate_attention.png", args.num_latents)
 
@@ -86,7 +87,7 @@ def _plot(results: list[dict], path: Path, num_latents: int) -> None:
     ax.set_ylabel("attention mass of the k = 1 query")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(path, fig)
 
 
 if __name__ == "__main__":

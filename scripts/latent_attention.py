@@ -20,6 +20,7 @@ import matplotlib
 import torch
 
 from dca import AugmentedLM
+from dca.atomic import write_figure, write_file
 from dca.eval.evaluate import held_out_eval_set
 from dca.resources import load_model
 
@@ -52,7 +53,7 @@ def latent_mass(model: AugmentedLM | None, decoder, seq: torch.Tensor, t: int, n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--coprocessors", nargs="+", required=True, help="LABEL=FOLDER of saved coprocessors")
+    parser.add_argument("--coprocessors", nargs="+", help="LABEL=FOLDER of saved coprocessors")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="wiki")
     parser.add_argument("--held-out-fraction", type=float, default=0.05)
@@ -62,7 +63,12 @@ def main() -> None:
     parser.add_argument("--min-position", type=int, default=15)
     parser.add_argument("--max-k", type=int, default=32)
     parser.add_argument("--out", required=True, help="folder for latent_attention.{json,md,png}")
+    parser.add_argument("--replot", action="store_true", help="redraw the table and plot from the JSON in --out")
     args = parser.parse_args()
+    if args.replot:
+        return report(json.loads((Path(args.out) / "latent_attention.json").read_text()), Path(args.out))
+    if not args.coprocessors:
+        parser.error("--coprocessors is required (unless --replot)")
     decoder, tokenizer = load_model(args.model)
     decoder.set_attn_implementation("eager")  # the only implementation that returns attention weights
     seqs, points = held_out_eval_set(tokenizer, args.data, args.held_out_fraction, args.sequences, args.seq_len,
@@ -80,29 +86,38 @@ def main() -> None:
         rows[label] = torch.stack(runs).mean(0)  # [layers, max_k - 1]
         print(f"{label}: mean mass {100 * rows[label].mean():.1f} %", flush=True)
     ks = list(range(2, args.max_k + 1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = ".venv/bin/python " + shlex.join(sys.argv)
-    (out / "latent_attention.json").write_text(json.dumps({"command": command, "args": vars(args), "k": ks, "mass": {
-        label: {"by_k": mass.mean(0).tolist(), "by_layer_and_k": mass.tolist()} for label, mass in rows.items()}},
-        indent=2))
-    shown = [k for k in (2, 4, 8, 16, 32) if k <= args.max_k]
-    lines = [f"# Attention mass on the latents, by k\n\nReproduce: `{command}`\n",
-             f"{len(seqs)} sequences x {points.shape[1]} points at t >= {args.min_position}; mean over heads and "
-             "layers, in % of each query's attention\n",
+    result = {"command": command, "args": vars(args), "points": [len(seqs), points.shape[1]], "k": ks, "mass": {
+        label: {"by_k": mass.mean(0).tolist(), "by_layer_and_k": mass.tolist()} for label, mass in rows.items()}}
+    write_file(Path(args.out) / "latent_attention.json", json.dumps(result, indent=2))
+    report(result, Path(args.out))
+
+
+def report(result: dict, out: Path) -> None:
+    """latent_attention.md (a table at k = 2, 4, 8, 16, 32) and .png (by k; by layer at k >= 16) from the JSON."""
+    ks, rows, args = result["k"], result["mass"], result["args"]
+    shown = [k for k in (2, 4, 8, 16, 32) if k in ks]
+    lines = [f"# Attention mass on the latents, by k\n\nReproduce: `{result['command']}`\n",
+             f"{result['points'][0]} sequences x {result['points'][1]} points at t >= {args['min_position']} of "
+             f"{args['data']}; mean over heads and layers, in % of each query's attention\n",
              "| k | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
-    lines += [f"| {k} | " + " | ".join(f"{100 * m.mean(0)[k - 2]:.1f}" for m in rows.values()) + " |" for k in shown]
-    (out / "latent_attention.md").write_text("\n".join(lines) + "\n")
+    lines += [f"| {k} | " + " | ".join(f"{100 * r['by_k'][ks.index(k)]:.1f}" for r in rows.values()) + " |"
+              for k in shown]
+    write_file(out / "latent_attention.md", "\n".join(lines) + "\n")
     fig, (by_k, by_layer) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, mass in rows.items():
-        by_k.plot(ks, 100 * mass.mean(0), marker=".", label=label)
-        by_layer.plot(range(mass.shape[0]), 100 * mass[:, 14:].mean(1), marker=".", label=label)  # k >= 16
+    far = [i for i, k in enumerate(ks) if k >= 16] or list(range(len(ks)))
+    for label, r in rows.items():
+        by_k.plot(ks, [100 * m for m in r["by_k"]], marker=".", label=label)
+        by_layer.plot([100 * sum(layer[i] for i in far) / len(far) for layer in r["by_layer_and_k"]], marker=".",
+                      label=label)
     by_k.set(xlabel="k (the token predicted)", ylabel="attention mass on the latents, %", xscale="log",
-             title="by k (mean over layers)")
-    by_layer.set(xlabel="decoder layer", ylabel="%", title="by layer, k = 16 .. max_k")
+             title=f"by k (mean over layers), {args['data']}")
+    by_k.set_xticks(shown, [str(k) for k in shown])
+    by_k.minorticks_off()
+    by_layer.set(xlabel="decoder layer", ylabel="%", title=f"by layer, k = {ks[far[0]]} .. {ks[far[-1]]}")
     by_k.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out / "latent_attention.png", dpi=120)
+    write_figure(out / "latent_attention.png", fig)
     print(f"written to {out}")
 
 

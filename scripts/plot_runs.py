@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dca.atomic import write_figure  # noqa: E402
+
 
 def held_out_by_step(run: Path) -> tuple[list[int], list[float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -41,7 +43,7 @@ def main() -> None:
     ax.set_title("training's held-out check (mean over the ahead tokens)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the curves, not over them
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    write_figure(args.out, fig)
     print(f"written to {args.out}")
 
 

@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # ------------------------------------------------------------------ the filesystem operations of a save
@@ -163,3 +168,13 @@ def write_file(path: str | Path, data: bytes | str) -> Path:
             tmp.unlink()
         raise
     return path
+
+
+def write_figure(path: str | Path, fig: Figure, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG, replaced like `write_file` (never half a picture); the figure is closed."""
+    import matplotlib.pyplot as plt  # here, not at the top: the core engine does not need matplotlib
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return write_file(path, buffer.getvalue())

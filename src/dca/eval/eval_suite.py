@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from dca.adapter import read_adapter_config
-from dca.atomic import write_file
+from dca.atomic import write_figure, write_file
 from dca.checks import (
     check_coprocessor,
     check_data_source,
@@ -365,8 +365,7 @@ def plot_accuracy_by_latents(result: dict, path: Path) -> bool:
     axes[0][0].plot([], [], "x", color="C1", label="pause tokens")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(path, fig, dpi=110)
     return True
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dca.atomic import write_file
+from dca.atomic import write_figure, write_file
 from dca.checks import check_device, check_int, check_writable_file
 from dca.config import CoprocessorConfig, help_meta
 from dca.errors import ArgumentError
@@ -357,6 +357,5 @@ def plot_sweep(result: dict, path: Path) -> bool:
     fig.suptitle(f"T = {s['seq_len']}, N = {s['latents']}, A = {s['ahead']}, {s['layers']}-layer h{s['hidden']} "
                  f"Llama, {result['device']}, {result['threads']} thread(s)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(path, fig, dpi=110)
     return True

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dca.atomic import write_file
+from dca.atomic import write_figure, write_file
 from dca.checks import check_coprocessor, check_data_source, check_int, check_model_source, check_writable_dir
 from dca.config import CoprocessorConfig, help_meta
 from dca.eval.evaluate import (
@@ -99,8 +99,7 @@ def plot_positions(reports: dict[str, PositionReport], path: Path, title: str,
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def answer(model: AugmentedLM, tokenizer, prompt: str, augment: bool, max_new_tokens: int = 24) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
-from dca.atomic import write_file
+from dca.atomic import write_figure
 from dca.studies.testbed.tasks import CHANCE
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy dependency)
@@ -127,7 +126,4 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
         ax.set_title(f"task {task}: mean of seeds, 95 % CI", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_file(path, buffer.getvalue())
+    write_figure(path, fig)
