@@ -189,6 +189,10 @@ attention=$REPORT/budget-1200/latent-attention/wiki
 [[ -f $attention/latent_attention.json ]] || .venv/bin/python scripts/latent_attention.py --coprocessors \
   "overwrite=$RUNS/overwrite-n16/adapter" "paper preset=$RUNS/paper-n16/adapter" "pause tokens=$RUNS/pause-n16/adapter" \
   --sequences 64 --positions 4 --out "$attention"
+stacked=$REPORT/budget-1200/overwrite-plus-pause/wiki  # do the near and the far gain add up? (nothing trained)
+[[ -f $stacked/overwrite_plus_pause.json ]] || .venv/bin/python scripts/overwrite_plus_pause.py \
+  --overwrite "$RUNS/overwrite-n16/adapter" --pause "$RUNS/pause-n16/adapter" --sequences 192 --positions 2 \
+  --out "$stacked"
 # session 11: the overwrite run and pause tokens at twice that budget (2400 steps, 1.23M tokens: 1.2 passes over wiki's
 # 7,846 training sequences), side by side, one thread each; a run of two sessions (resumed from its checkpoint)
 RUNS_2400=${RUNS%-1200}-2400
