@@ -44,7 +44,7 @@ def latent_mass(model: AugmentedLM | None, decoder, seq: torch.Tensor, t: int, n
         out = model.augment(prompt)
         cache, mask, start = out.past_key_values, out.attention_mask, int(out.next_position_ids)
         entries = mask.shape[1]
-        keys = slice(entries - n, entries)  # "overwrite": the last n entries; appended latents: the last n too
+        keys = slice(entries - n, entries)  # under either layout the latents are the cache's last n entries
     positions = torch.arange(start, start + after.shape[1])[None]
     mask = torch.cat([mask, torch.ones_like(after)], dim=1)
     out = decoder(after, past_key_values=cache, attention_mask=mask, position_ids=positions, output_attentions=True)
@@ -81,9 +81,9 @@ def main() -> None:
     rows: dict[str, torch.Tensor] = {}
     for label, model in [("frozen decoder (last N prompt entries)", None), *models.items()]:
         width = n[label] if model is not None else max(n.values())
-        runs = [latent_mass(model, decoder, seq, int(t), width, args.max_k) for seq, ts in zip(seqs, points,
-                                                                                             strict=True) for t in ts]
-        rows[label] = torch.stack(runs).mean(0)  # [layers, max_k - 1]
+        masses = [latent_mass(model, decoder, seq, int(t), width, args.max_k)
+                  for seq, ts in zip(seqs, points, strict=True) for t in ts]
+        rows[label] = torch.stack(masses).mean(0)  # [layers, max_k - 1]
         print(f"{label}: mean mass {100 * rows[label].mean():.1f} %", flush=True)
     ks = list(range(2, args.max_k + 1))
     command = ".venv/bin/python " + shlex.join(sys.argv)
