@@ -180,19 +180,24 @@ for data in wiki owt; do
     "$more/$data/eval.json:overwrite-n16=lora-t>=15" > "$more/paired-session10-$data.md"
 done
 # session 11: the every-point run, the t >= 15 run and pause tokens on every point t >= 0 of wiki (Table 1 as the
-# paper samples it); then where the text after a point looks: its attention on the latents, by k
+# paper samples it); then where the text after a point looks: its attention on the latents, by k,
 every=$REPORT/budget-1200/every-point/wiki
 [[ -f $every/eval.json ]] || $DCA eval --model smollm2-135m --data wiki --held-out-fraction 0.05 --no-untrained \
   --coprocessors "${RUNS}-minpos0/overwrite-n16/adapter" "$RUNS/overwrite-n16/adapter" "$RUNS/pause-n16/adapter" \
   --sequences 192 --positions 8 --min-position 0 --batch-size 16 --out "$every" > "$RUNS/eval-every-point-wiki.log" 2>&1
-attention=$REPORT/budget-1200/latent-attention/wiki
-[[ -f $attention/latent_attention.json ]] || .venv/bin/python scripts/latent_attention.py --coprocessors \
-  "overwrite=$RUNS/overwrite-n16/adapter" "paper preset=$RUNS/paper-n16/adapter" "pause tokens=$RUNS/pause-n16/adapter" \
-  --sequences 64 --positions 4 --out "$attention"
-stacked=$REPORT/budget-1200/overwrite-plus-pause/wiki  # do the near and the far gain add up? (nothing trained)
-[[ -f $stacked/overwrite_plus_pause.json ]] || .venv/bin/python scripts/overwrite_plus_pause.py \
-  --overwrite "$RUNS/overwrite-n16/adapter" --pause "$RUNS/pause-n16/adapter" --sequences 192 --positions 2 \
-  --out "$stacked"
+# and do the near and the far gain add up? The two trained modules stacked (nothing trained); both on both corpora
+for split in wiki:0.05:192 owt:0.9:96; do
+  IFS=: read -r data fraction sequences <<< "$split"
+  attention=$REPORT/budget-1200/latent-attention/$data
+  [[ -f $attention/latent_attention.json ]] || .venv/bin/python scripts/latent_attention.py --coprocessors \
+    "overwrite=$RUNS/overwrite-n16/adapter" "paper preset=$RUNS/paper-n16/adapter" \
+    "pause tokens=$RUNS/pause-n16/adapter" --data "$data" --held-out-fraction "$fraction" --sequences 64 \
+    --positions 4 --out "$attention"
+  stacked=$REPORT/budget-1200/overwrite-plus-pause/$data
+  [[ -f $stacked/overwrite_plus_pause.json ]] || .venv/bin/python scripts/overwrite_plus_pause.py --overwrite \
+    "$RUNS/overwrite-n16/adapter" --pause "$RUNS/pause-n16/adapter" --data "$data" --held-out-fraction "$fraction" \
+    --sequences "$sequences" --positions 2 --out "$stacked"
+done
 # session 11: the overwrite run and pause tokens at twice that budget (2400 steps, 1.23M tokens: 1.2 passes over wiki's
 # 7,846 training sequences), side by side, one thread each; a run of two sessions (resumed from its checkpoint)
 RUNS_2400=${RUNS%-1200}-2400
