@@ -21,6 +21,7 @@ import torch
 
 from dca import AugmentedLM
 from dca.atomic import write_figure, write_file
+from dca.eval.eval_suite import coprocessor_labels
 from dca.eval.evaluate import held_out_eval_set
 from dca.resources import load_model
 
@@ -76,7 +77,7 @@ def main() -> None:
     models: dict[str, AugmentedLM] = {}
     for spec in args.coprocessors:
         label, _, folder = spec.rpartition("=")
-        models[label or Path(folder).parent.name] = AugmentedLM.from_pretrained(folder, decoder).eval()
+        models[label or coprocessor_labels([folder])[0]] = AugmentedLM.from_pretrained(folder, decoder).eval()
     n = {label: m.coprocessor.config.num_latents for label, m in models.items()}
     rows: dict[str, torch.Tensor] = {}
     for label, model in [("frozen decoder (last N prompt entries)", None), *models.items()]:

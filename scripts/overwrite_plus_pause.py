@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from dca import AugmentedLM
 from dca.atomic import write_file
+from dca.cache import fork_cache
 from dca.eval.evaluate import KS, bootstrapped_change, held_out_eval_set, perplexity_by_position
 from dca.resources import load_model
 
@@ -48,16 +49,16 @@ def losses_at(decoder, overwrite: AugmentedLM, pause: AugmentedLM, seq: torch.Te
         return _losses(torch.cat([first_logits, out.logits[0]]), targets)
 
     rewritten, appended = overwrite.augment(prompt), pause.augment(prompt)
-    both = overwrite.augment(prompt)  # a fresh cache: the pause tokens go after its rewritten entries
-    mask = torch.cat([both.attention_mask, torch.ones(1, appended.latents.shape[1], dtype=torch.long)], 1)
-    out = decoder(inputs_embeds=appended.latents, past_key_values=both.past_key_values, attention_mask=mask,
+    stacked = fork_cache(rewritten.past_key_values)  # the pause tokens go after the rewritten entries, on a copy
+    mask = torch.cat([rewritten.attention_mask, torch.ones(1, appended.latents.shape[1], dtype=torch.long)], 1)
+    out = decoder(inputs_embeds=appended.latents, past_key_values=stacked, attention_mask=mask,
                   position_ids=appended.latent_position_ids, logits_to_keep=1)
     return {"frozen": _losses(frozen, targets),
             "overwrite": read_on(rewritten.past_key_values, rewritten.attention_mask, rewritten.logits,
                                  int(rewritten.next_position_ids)),
             "pause tokens": read_on(appended.past_key_values, appended.attention_mask, appended.logits,
                                     int(appended.next_position_ids)),
-            "overwrite + pause tokens": read_on(both.past_key_values, mask, out.logits[:, -1],
+            "overwrite + pause tokens": read_on(stacked, mask, out.logits[:, -1],
                                                 int(appended.next_position_ids))}
 
 
