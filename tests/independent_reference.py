@@ -16,7 +16,9 @@ its own `DynamicCache`) and torch, and writes out what `CoprocessorConfig`'s doc
   text's position ids; the logits after the last latent score x[t+1], those after x[t+k] score x[t+k+1].
   Under ``latent_positions="overwrite"`` the decoder's own prompt pass is run on x[0..t-N] only (the latents
   take the place of x[t-N+1 .. t]), and the coprocessor reads a cache of the whole prompt made apart; a
-  prompt of r < N tokens keeps only the last r latents, one per token they replace.
+  prompt of r < N tokens keeps only the last r latents, one per token they replace. With ``num_overwritten``
+  = R < N only the first R latents take the places of x[t-R+1 .. t] (and replay them); the other N - R follow at
+  t+1 .. t+N-R with no anchor but a trainable offset each, and the text resumes at t+N-R+1.
 """
 
 from __future__ import annotations
@@ -30,19 +32,31 @@ from transformers import DynamicCache
 SLIDING = "sliding_attention"
 
 
-def latent_position_ids(layout: str, t: int, n: int) -> list[int]:
-    """`latent_positions`: "after" t+1 .. t+N, "shared" all at t, "replay" and "overwrite" the positions of
-    x[t-N+1 .. t] (clamped at the first token)."""
+def overwritten(config) -> int:
+    """R: the latents that replace prompt tokens (`num_overwritten`, all N by default under "overwrite")."""
+    if config.latent_positions != "overwrite":
+        return 0
+    return config.num_latents if config.num_overwritten is None else config.num_overwritten
+
+
+def latent_position_ids(config, t: int) -> list[int]:
+    """`latent_positions`: "after" t+1 .. t+N, "shared" all at t, "replay" the positions of x[t-N+1 .. t]
+    (clamped at the first token), "overwrite" those of x[t-R+1 .. t], then t+1 .. t+N-R."""
+    layout, n = config.latent_positions, config.num_latents
     if layout == "after":
         return [t + 1 + i for i in range(n)]
     if layout == "shared":
         return [t] * n
-    return [max(t - n + 1 + i, 0) for i in range(n)]
+    r = overwritten(config) or n
+    return [max(t - r + 1 + i, 0) for i in range(r)] + [t + 1 + i for i in range(n - r)]
 
 
-def text_position_ids(layout: str, t: int, n: int, count: int) -> list[int]:
-    """The text after the latents resumes at t+N+1 ("after") or at t+1 (latents that take no positions)."""
-    start = t + 1 + (n if layout == "after" else 0)
+def text_position_ids(config, t: int, count: int) -> list[int]:
+    """The text after the latents resumes at t+N+1 ("after"), at t+1 (latents that take no positions), or at
+    t+N-R+1 ("overwrite")."""
+    n = config.num_latents
+    taken = {"after": n, "overwrite": n - overwritten(config)}.get(config.latent_positions, 0)
+    start = t + 1 + taken
     return list(range(start, start + count))
 
 
@@ -101,7 +115,7 @@ def coprocessor_latents(model, prompt: torch.Tensor, cache: DynamicCache) -> tor
     captured = []
     hook = _final_norm(body).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
-        out = body(inputs_embeds=soft, position_ids=torch.tensor([latent_position_ids(config.latent_positions, t, n)]),
+        out = body(inputs_embeds=soft, position_ids=torch.tensor([latent_position_ids(config, t)]),
                    attention_mask=soft_token_mask(body.config, t, n, config.soft_token_attention == "full",
                                                   soft.dtype),
                    past_key_values=copy.deepcopy(cache), use_cache=True)
@@ -115,37 +129,41 @@ def coprocessor_latents(model, prompt: torch.Tensor, cache: DynamicCache) -> tor
         if config.latent_scale in ("learned", "gated"):
             latents = latents * copro.latent_gain
     embed = decoder.get_input_embeddings()
-    if config.latent_anchor == "replay":  # the embeddings of x[t-N+1 .. t], clamped at the first token
-        latents = latents + embed(prompt[:, [max(t - n + 1 + i, 0) for i in range(n)]])
-    elif config.latent_anchor == "last_token":  # x[t] on the last latent, zeros before
-        anchor = torch.zeros_like(latents)
-        anchor[:, -1] = embed(prompt[:, -1])
-        latents = latents + anchor
+    r = overwritten(config) or n  # the latents that get an anchor: the appended ones under "overwrite" get none,
+    anchor = torch.zeros_like(latents)
+    if r < n:  # but a trainable offset each
+        anchor[:, r:] = copro.appended_offset
+    if config.latent_anchor == "replay":  # the embeddings of x[t-R+1 .. t], clamped at the first token
+        anchor[:, :r] = embed(prompt[:, [max(t - r + 1 + i, 0) for i in range(r)]])
+    elif config.latent_anchor == "last_token":  # x[t] on the last (anchored) latent, zeros elsewhere
+        anchor[:, r - 1] = embed(prompt[:, -1])
+    latents = latents + anchor
     return latents
 
 
 def group_losses(model, row: torch.Tensor, t: int) -> torch.Tensor:
     """Cross-entropy of each existing ahead token x[t+1 .. t+A] of one row [1, T] augmented after x[t]."""
     config, decoder = model.coprocessor.config, model.decoder
-    n = config.num_latents
     targets = row[0, t + 1 : t + 1 + config.num_ahead]
     prompt = row[:, : t + 1]
     cache = DynamicCache()  # the reference's own cache, full length
     decoder(input_ids=prompt, position_ids=torch.arange(t + 1)[None], past_key_values=cache, use_cache=True)
     latents = coprocessor_latents(model, prompt, cache)
-    latent_positions = torch.tensor([latent_position_ids(config.latent_positions, t, n)])
-    if config.latent_positions == "overwrite":  # the decoder continues from x[0..t-N]; the latents take the rest
-        cache, kept = DynamicCache(), max(t + 1 - n, 0)
+    latent_positions = torch.tensor([latent_position_ids(config, t)])
+    r = overwritten(config)
+    if r:  # "overwrite": the decoder continues from x[0..t-R]; the latents take the rest
+        cache, kept = DynamicCache(), max(t + 1 - r, 0)
         if kept:
             decoder(input_ids=prompt[:, :kept], position_ids=torch.arange(kept)[None], past_key_values=cache,
                     use_cache=True)
-        # a prompt of t+1 < N tokens keeps its last t+1 latents, one per token they replace, at those tokens' positions
-        latents, latent_positions = latents[:, n - (t + 1 - kept):], latent_positions[:, n - (t + 1 - kept):]
+        # a prompt of t+1 < R tokens drops the first R - (t+1) latents: they would replace no token
+        padding = r - (t + 1 - kept)
+        latents, latent_positions = latents[:, padding:], latent_positions[:, padding:]
     # the decoder's own causal masks from here on: nothing but position ids is given
     out = decoder(inputs_embeds=latents, position_ids=latent_positions, past_key_values=cache, use_cache=True)
     logits = [out.logits[0, -1:]]
     if len(targets) > 1:
         ahead = row[:, t + 1 : t + len(targets)]
-        positions = torch.tensor([text_position_ids(config.latent_positions, t, n, ahead.shape[1])])
+        positions = torch.tensor([text_position_ids(config, t, ahead.shape[1])])
         logits.append(decoder(input_ids=ahead, position_ids=positions, past_key_values=cache, use_cache=True).logits[0])
     return F.cross_entropy(torch.cat(logits).float(), targets, reduction="none")

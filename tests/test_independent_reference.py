@@ -77,6 +77,21 @@ def test_the_overwrite_layout(family, attention, extra):
     assert_matches_reference(model, input_ids, torch.tensor([[0, 2, 7, 13], [1, 3, 5, 11]]), mask)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["causal", "full"])
+@pytest.mark.parametrize("replaced", [1, 2])
+def test_overwrite_with_appended_latents(family, attention, replaced):
+    # R of N = 3 latents replace x[t-R+1 .. t], the others are appended after them: positions, anchors, masks
+    model = perturbed_model(family, num_latents=3, latent_positions="overwrite", num_overwritten=replaced,
+                            soft_token_attention=attention)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    mask = torch.ones_like(input_ids)
+    mask[1, 13:] = 0  # right padding
+    # t < R-1 (a latent over padding), t = R-1, a window that runs off the end
+    assert_matches_reference(model, input_ids, torch.tensor([[0, 2, 7, 13], [1, 3, 5, 11]]), mask)
+
+
 @pytest.mark.parametrize("variant", [
     {"latent_source": "pre_norm"},
     {"latent_scale": "none", "latent_anchor": "none"},

@@ -46,8 +46,9 @@ def test_training_loss_equals_sequential(family, impl):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_loss_equals_sequential_with_padding_delays_and_lora(family):
-    model = overwrite_model(family, lora_rank=2, soft_token_attention="full")
+@pytest.mark.parametrize("extra", [{}, {"num_overwritten": 1}])  # R = 1 of N = 3: two latents appended after t
+def test_training_loss_equals_sequential_with_padding_delays_and_lora(family, extra):
+    model = overwrite_model(family, lora_rank=2, soft_token_attention="full", **extra)
     with torch.no_grad():
         for name, param in model.coprocessor.named_parameters():
             if "lora_B" in name:
@@ -99,8 +100,9 @@ def test_the_default_that_appends_duplicates_is_not(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_augment_and_generate_write_what_training_scores(family):
-    model = overwrite_model(family, lora_rank=4)
+@pytest.mark.parametrize("replaced", [3, 2])
+def test_augment_and_generate_write_what_training_scores(family, replaced):
+    model = overwrite_model(family, lora_rank=4, num_overwritten=replaced)
     with torch.no_grad():
         for param in model.coprocessor.parameters():
             if param.requires_grad:
@@ -112,7 +114,7 @@ def test_augment_and_generate_write_what_training_scores(family):
     shared, plain = model.augment(input_ids, mask), model.augment_with_grad(input_ids, mask)  # one pass, two
     torch.testing.assert_close(shared.latents, plain.latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.logits, plain.logits, rtol=1e-5, atol=1e-5)
-    assert shared.attention_mask.shape == mask.shape and shared.past_key_values.get_seq_length() == 9
+    assert shared.attention_mask.shape[1] == 9 + 3 - replaced == shared.past_key_values.get_seq_length()
     # greedy decoding by hand from the augmented cache, against generate
     cache, past, position, logits, tokens = shared.past_key_values, shared.attention_mask, shared.next_position_ids, \
         shared.logits, []
@@ -161,6 +163,36 @@ def test_each_input_overwrite_cannot_use_is_refused_naming_it():
         TrainArgs(seq_len=20, positions=18, coprocessor=CoprocessorConfig(num_latents=4, latent_positions="overwrite"))
 
 
+def test_appended_latents_are_counted_saved_and_validated():
+    config = CoprocessorConfig(num_latents=5, num_overwritten=2)  # the default layout, "overwrite"
+    assert CoprocessorConfig.from_dict(config.to_dict()) == config
+    assert (config.replaced_entries, config.added_entries, config.positions_taken) == (2, 3, 3)
+    assert (config.kept_entries(7), config.kept_entries(1), config.first_position) == (5, 0, 1)
+    assert CoprocessorConfig(num_latents=5, num_overwritten=5).replaced_entries == 5
+    with pytest.raises(ArgumentError, match="^num_overwritten must be at most num_latents=5"):
+        CoprocessorConfig(num_latents=5, num_overwritten=6)
+    with pytest.raises(ArgumentError, match="^num_overwritten must be an integer >= 1"):
+        CoprocessorConfig(num_overwritten=0)
+    with pytest.raises(ArgumentError, match="^num_overwritten applies to latent_positions='overwrite' only"):
+        CoprocessorConfig(latent_positions="after", num_overwritten=2)
+
+
+def test_appended_offsets_start_at_zero_are_trained_and_saved(tmp_path):
+    model = overwrite_model("llama", num_latents=4, num_overwritten=1, lora_rank=2)
+    offset = model.coprocessor.appended_offset
+    assert offset.shape == (3, model.decoder.config.hidden_size) and not offset.any() and offset.requires_grad
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
+    model.training_loss(input_ids, torch.tensor([[3, 8], [5, 9]])).loss.backward()
+    assert offset.grad is not None and offset.grad.abs().sum(-1).gt(0).all()  # every appended latent is read
+    with torch.no_grad():
+        offset.normal_()
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AugmentedLM.from_pretrained(tmp_path / "adapter", tiny_decoder("llama", "eager"))
+    assert torch.equal(loaded.coprocessor.appended_offset, offset)
+    assert torch.equal(loaded.augment(input_ids[:1]).logits, model.augment(input_ids[:1]).logits)
+    assert overwrite_model("llama").coprocessor.appended_offset is None  # R = N: nothing appended
+
+
 def test_the_layout_is_saved_and_sampled_points_leave_room():
     config = CoprocessorConfig(num_latents=5, latent_positions="overwrite")
     assert CoprocessorConfig.from_dict(config.to_dict()) == config
@@ -173,6 +205,9 @@ def test_the_layout_is_saved_and_sampled_points_leave_room():
     early = TrainArgs(seq_len=20, positions=19, min_position=0, coprocessor=config)  # every point, t in [0, 18]
     assert early.first_position() == 0 and "min_position" in early.identity()
     assert "min_position" not in args.identity()  # runs saved before the option resume as the same runs
+    assert "num_overwritten" not in args.identity()["coprocessor"] and "num_overwritten" not in config.to_dict()
+    appended = TrainArgs(coprocessor=CoprocessorConfig(num_overwritten=4))
+    assert appended.identity()["coprocessor"]["num_overwritten"] == 4
     with pytest.raises(ArgumentError, match="^min_position "):
         TrainArgs(min_position=-1)
     with pytest.raises(ArgumentError, match="^min_position .*a point needs a token after it"):

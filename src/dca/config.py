@@ -13,6 +13,7 @@ with the trained adapter and can be measured rather than guessed:
   decoder does when it simply continues from an augmented cache), or latents that consume no
   position (``"shared"``, ``"replay"``) and text at t+1; or latents that replace the cache entries of
   x[t-N+1 .. t] at those tokens' positions (``"overwrite"``: no duplicates, and text at t+1).
+* ``num_overwritten`` -- under "overwrite", how many latents replace tokens; the rest are appended after t.
 
 Two presets: `CoprocessorConfig.paper()` is the paper's literal method (latents are the coprocessor's
 final states after its final norm, written as they are at t+1 .. t+N, weights from the decoder);
@@ -49,6 +50,18 @@ PRESETS = ("dca", "paper")
 def help_meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Dataclass field metadata that `dca.cli` turns into an argument's help (and choices)."""
     return {"help": help_text, "choices": choices} if choices else {"help": help_text}
+
+
+def legacy_meta(value: object) -> dict[str, object]:
+    """Field metadata of an option added after runs and adapters existed: at `value` (what those did) it is left out
+    of a run's identity and of a saved config, so that they resume and compare as before."""
+    return {"legacy": value}
+
+
+def drop_legacy(instance: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (fields of the dataclass `instance`) without those at their `legacy_meta` value."""
+    legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(instance) if "legacy" in f.metadata}
+    return {k: v for k, v in data.items() if not (k in legacy and v == legacy[k])}
 
 
 @dataclass
@@ -130,6 +143,8 @@ class CoprocessorConfig:
     init_seed: int = field(default=0, metadata=help_meta("seeds soft tokens and scratch weights"))
     latent_positions: str | None = field(default=None, metadata=help_meta(
         "position ids of latents (default: overwrite with the replay anchor, else after)", LATENT_POSITIONS))
+    num_overwritten: int | None = field(default=None, metadata=legacy_meta(None) | help_meta(
+        "under overwrite: latents that replace prompt entries (default all N; the rest are appended after t)"))
 
     def __post_init__(self) -> None:
         if self.latent_positions is None:
@@ -154,6 +169,14 @@ class CoprocessorConfig:
         if self.method == "pause" and self.latent_positions == "overwrite":
             raise ArgumentError("latent_positions", "cannot be 'overwrite' for pause tokens: they would replace the "
                                 "last N prompt tokens and carry nothing of them")
+        if self.num_overwritten is not None:
+            if self.latent_positions != "overwrite":
+                raise ArgumentError("num_overwritten", f"applies to latent_positions='overwrite' only, got "
+                                    f"{self.latent_positions!r}")
+            check_int("num_overwritten", self.num_overwritten)
+            if self.num_overwritten > self.num_latents:
+                raise ArgumentError("num_overwritten", f"must be at most num_latents={self.num_latents}, got "
+                                    f"{self.num_overwritten}")
 
     @classmethod
     def paper(cls, **overrides: Any) -> CoprocessorConfig:
@@ -180,32 +203,39 @@ class CoprocessorConfig:
 
     @property
     def positions_taken(self) -> int:
-        """Position ids the latents consume: the text after them resumes this much later."""
+        """Position ids the latents consume: the text after them resumes this much later (under "overwrite", the
+        N - R appended latents')."""
+        if self.latent_positions == "overwrite":
+            return self.num_latents - self.replaced_entries
         return self.num_latents if self.latent_positions == "after" else 0
 
     @property
     def replaced_entries(self) -> int:
-        """Prompt cache entries the latents replace (the last N under "overwrite"): the cache grows by N minus this."""
-        return self.num_latents if self.latent_positions == "overwrite" else 0
+        """Prompt cache entries the latents replace (the last R = `num_overwritten`, by default N, under "overwrite"):
+        the cache grows by N minus this."""
+        if self.latent_positions != "overwrite":
+            return 0
+        return self.num_latents if self.num_overwritten is None else self.num_overwritten
 
     @property
     def added_entries(self) -> int:
-        """Cache entries one augmentation adds: N, less those it replaces (none under "overwrite")."""
+        """Cache entries one augmentation adds: N, less those it replaces (none under "overwrite" with R = N)."""
         return self.num_latents - self.replaced_entries
 
     def kept_entries(self, prompt_length: int) -> int:
         """Prompt cache entries that stay when the latents are written after `prompt_length` tokens: all, less the
-        last N under "overwrite" (none of a prompt shorter than N, which is left-padded to N)."""
+        last R under "overwrite" (none of a prompt shorter than R, which is left-padded to R)."""
         return max(prompt_length - self.replaced_entries, 0)
 
     @property
     def first_position(self) -> int:
-        """The earliest insertion point training samples and evaluation scores by default: N-1 under "overwrite"
-        (where every latent replaces a real token; earlier points work, and read only the last t+1 latents), else 0."""
+        """The earliest insertion point training samples and evaluation scores by default: R-1 under "overwrite"
+        (where every replacing latent replaces a real token; earlier points work, and read only the last t+1 of
+        them), else 0."""
         return max(self.replaced_entries - 1, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return drop_legacy(self, dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoprocessorConfig:

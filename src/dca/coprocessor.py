@@ -148,6 +148,11 @@ class Coprocessor(nn.Module):
             self.latent_gain = None
         if self.body is not None and config.latent_source == "pre_norm":
             _final_norm(self.body).register_forward_pre_hook(_capture_pre_norm)
+        # "overwrite" with R < N: the N - R latents appended after t replay no token; each gets a trainable offset
+        # instead (the input-independent part that pause tokens are), from zero
+        appended = config.added_entries if self.body is not None and config.replaced_entries else 0
+        self.appended_offset = nn.Parameter(torch.zeros(appended, param.shape[1], device=param.device,
+                                                        dtype=param.dtype)) if appended else None
 
     def forward(
         self,
@@ -220,10 +225,14 @@ class Coprocessor(nn.Module):
         return self.soft_tokens.repeat(groups, 1)[None].expand(batch, -1, -1)
 
     def to_embedding_space(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.config.latent_scale == "none":
-            return hidden
-        rms = hidden.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-        latents = (hidden.float() / rms * self.embed_rms.float()).to(hidden.dtype)
-        if self.latent_gain is not None:
-            latents = latents * self.latent_gain
-        return latents
+        """[B, P * N, H] final states -> latents, before any anchor: `latent_scale`, then `appended_offset`."""
+        latents = hidden
+        if self.config.latent_scale != "none":
+            rms = hidden.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+            latents = (hidden.float() / rms * self.embed_rms.float()).to(hidden.dtype)
+            if self.latent_gain is not None:
+                latents = latents * self.latent_gain
+        if self.appended_offset is None:
+            return latents
+        offset = F.pad(self.appended_offset, (0, 0, self.config.replaced_entries, 0))  # [N, H]: zeros on the first R
+        return (latents.unflatten(1, (-1, self.config.num_latents)) + offset.to(latents.dtype)).flatten(1, 2)

@@ -23,7 +23,9 @@ Positions follow the inference convention of `CoprocessorConfig.latent_positions
   its member k sits in cache slot pos(t) + 1 + k - N, and the text resumes at t+1. The coprocessor's soft
   tokens still see all of x[0..t] (they are appended to the prompt's cache: `replaced` = 0). At a point
   with r < N real tokens up to it, the first N - r latents replace nothing and are hidden like padding
-  (`padded_latents`), as `augment` pads a short prompt to N.
+  (`padded_latents`), as `augment` pads a short prompt to N. With `num_overwritten` = R < N only the first R
+  latents replace x[t-R+1 .. t] (`replaced` = R); the other N - R follow at pos(t) + 1 .. pos(t) + N - R, in
+  cache slots after them, and the text resumes at pos(t) + N - R + 1.
 
 Under "shared" and "replay" the latents take cache slots but no positions. Sliding windows are laid
 over cache slots, not position ids, because that is what the decoder's own masks do at inference
@@ -63,30 +65,34 @@ def prefix_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, group_size: int, *,
-                       num_latents: int = 0, layout: str = "after") -> torch.Tensor:
+                       num_latents: int = 0, layout: str = "after", replaced: int | None = None) -> torch.Tensor:
     """[B, P * group_size] position ids of P groups whose first `num_latents` members are latents.
 
     With ``layout="after"`` member k of the group after token t sits at pos(t) + 1 + k (whatever it
     is); this is also every member's cache slot relative to t. With ``"shared"`` or ``"replay"`` the
     latents sit at pos(t), or at the positions of x[t-N+1 .. t], and the members after them at
     pos(t) + 1, pos(t) + 2, ... ("overwrite" places them as "replay" does; its cache slots are `prefix_allowed`'s).
+    Under "overwrite" with `replaced` = R < N (`num_overwritten`) only the first R latents take the positions of
+    x[t-R+1 .. t]; the others, and the text after them, sit at pos(t) + 1, pos(t) + 2, ... as under "after".
     """
     if layout not in LATENT_POSITIONS:
         raise ValueError(f"latent positions must be one of {LATENT_POSITIONS}, got {layout!r}")
     if not 0 <= num_latents <= group_size:
         raise ValueError(f"num_latents={num_latents} must lie in [0, group_size={group_size}]")
+    in_place = {"after": 0, "overwrite": num_latents if replaced is None else replaced}.get(layout, num_latents)
+    if not 0 <= in_place <= num_latents:
+        raise ValueError(f"replaced={replaced} must lie in [0, num_latents={num_latents}]")
     device = insert_at.device
     start = prefix_positions.gather(1, insert_at)[:, :, None]  # [B, P, 1]: pos(t)
-    offsets = torch.arange(group_size, device=device)
-    if layout == "after" or num_latents == 0:
-        return (start + 1 + offsets).flatten(1)
-    text = start + 1 + (offsets[num_latents:] - num_latents)  # [B, P, group_size - N]
+    following = start + 1 + torch.arange(group_size - in_place, device=device)  # [B, P, group_size - in_place]
+    if in_place == 0:
+        return following.flatten(1)
     if layout == "shared":
-        latents = start.expand(-1, -1, num_latents)
-    else:  # replay, overwrite: the positions of x[t-N+1 .. t]; left padding has position 0, like the first real token
-        index = (insert_at[:, :, None] + torch.arange(1 - num_latents, 1, device=device)).clamp(min=0)
+        latents = start.expand(-1, -1, in_place)
+    else:  # replay, overwrite: the positions of x[t-R+1 .. t]; left padding has position 0, like the first real token
+        index = (insert_at[:, :, None] + torch.arange(1 - in_place, 1, device=device)).clamp(min=0)
         latents = prefix_positions.gather(1, index.flatten(1)).view_as(index)
-    return torch.cat([latents, text], dim=2).flatten(1)
+    return torch.cat([latents, following], dim=2).flatten(1)
 
 
 def prefix_allowed(

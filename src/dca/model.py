@@ -117,6 +117,7 @@ class AugmentedLM(nn.Module):
                 x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
 
         Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-N] and replaces x[s-N+1 .. s]
+        (x[0..s-R] and x[s-R+1 .. s] with `num_overwritten` = R < N, the other latents appended after them)
         (its soft tokens still read x[0..t]); at a point with r < N real tokens up to s only the last r latents are
         seen (`dca.masks.padded_latents`), as `augment` writes them after a prompt shorter than N.
 
@@ -137,7 +138,7 @@ class AugmentedLM(nn.Module):
         # where each group's latents are inserted: after t, or d tokens later (the decoder's side of every group)
         inserted = positions if delays is None else check_positions(positions + check_delays(delays, positions),
                                                                      attention_mask, "delayed insertion positions")
-        replaced = config.replaced_entries  # "overwrite": the latents replace x[s-N+1 .. s] in the decoder's pass
+        replaced = config.replaced_entries  # "overwrite": the first R latents replace x[s-R+1 .. s] for the decoder
         n, a = config.num_latents, config.num_ahead if num_ahead is None else num_ahead
         prefix_pos = prefix_position_ids(attention_mask)
         arange_a = torch.arange(1, a + 1, device=input_ids.device)
@@ -148,7 +149,8 @@ class AugmentedLM(nn.Module):
         targets = input_ids.gather(1, target_index.flatten(1)).view_as(target_index)
         group = n + a - 1
         # members after a group's last target are computed but unused: only the others must fit the context
-        group_pos = group_position_ids(prefix_pos, inserted, group, num_latents=n, layout=config.latent_positions)
+        group_pos = group_position_ids(prefix_pos, inserted, group, num_latents=n, layout=config.latent_positions,
+                                       replaced=replaced)
         needed = torch.cat([target_mask.new_ones(*positions.shape, n), target_mask[:, :, 1:]], dim=2)
         real_before = prefix_pos.gather(1, inserted) + 1  # real tokens x[0..s]
         check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
@@ -221,8 +223,9 @@ class AugmentedLM(nn.Module):
                       replaced: int = 0):
         """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`, each replacing
         the cache entries of the last `replaced` tokens up to its insertion point (`dca.masks.prefix_allowed`)."""
+        config = self.coprocessor.config
         position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
-                                          layout=self.coprocessor.config.latent_positions)
+                                          layout=config.latent_positions, replaced=config.replaced_entries)
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
             # a token 4D placeholder (any 4D tensor), so that transformers builds none (grouped and flex attention
             # ignore it); training_loss's cache comes from a pass without gradients: the prefix needs none
@@ -240,16 +243,19 @@ class AugmentedLM(nn.Module):
     def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor | None:
         """[B, P * N, H]: the embeddings each group's latents are added to (`config.latent_anchor`)."""
-        kind, n = self.coprocessor.config.latent_anchor, self.coprocessor.config.num_latents
+        config = self.coprocessor.config
+        kind, n = config.latent_anchor, config.num_latents
         if kind == "none" or self.coprocessor.body is None:
             return None
-        offsets = torch.arange(1 - n, 1, device=input_ids.device)  # x[t-N+1 .. t]
+        # "overwrite" with R < N: the R latents in place of x[t-R+1 .. t] replay them; the appended ones get zeros
+        replayed = config.replaced_entries or n
+        offsets = torch.arange(1 - replayed, 1, device=input_ids.device)  # x[t-R+1 .. t]
         first_real = (attention_mask.cumsum(1) == 0).sum(1)[:, None, None]  # never reach into left padding
         index = torch.maximum(positions[:, :, None] + offsets, first_real)
         anchor = self._embed(input_ids.gather(1, index.flatten(1))).view(*index.shape, -1)
         if kind == "last_token":
             anchor = anchor * (offsets == 0)[:, None].to(anchor.dtype)
-        return anchor.flatten(1, 2)
+        return F.pad(anchor, (0, 0, 0, n - replayed)).flatten(1, 2)
 
     # ------------------------------------------------------------------ inference: once, at the prompt's end
     @torch.no_grad()
@@ -300,7 +306,8 @@ class AugmentedLM(nn.Module):
         batch, length = input_ids.shape
         prefix_pos = prefix_position_ids(attention_mask)
         last = torch.full((batch, 1), length - 1, device=input_ids.device)
-        latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions)
+        latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions,
+                                        replaced=replaced)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         # the latents replace the last `replaced` entries and take their mask (0 where they replace padding)
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, added)], dim=1)
@@ -320,7 +327,7 @@ class AugmentedLM(nn.Module):
                          past_key_values=cache, logits_to_keep=1)
             latents = self.prompt_latents(fork_cache(cache), input_ids, attention_mask)
         if replaced:
-            cache.crop(-replaced)  # "overwrite": the latents take the last N tokens' entries (after the read)
+            cache.crop(-replaced)  # "overwrite": the latents take the last R tokens' entries (after the read)
         return cache, latents, extended_mask, latent_pos, next_pos
 
     def prompt_latents(self, cache: DynamicCache, input_ids: torch.Tensor,
@@ -329,14 +336,16 @@ class AugmentedLM(nn.Module):
         place: pass a fork). What `augment` writes after the prompt; asynchronous generation runs it on the side,
         with ``anchored=False`` (the output without `latent_anchor`'s embeddings, which it adds at insertion)."""
         coprocessor = self._require_coprocessor()
-        n, layout = coprocessor.config.num_latents, coprocessor.config.latent_positions
+        config = coprocessor.config
+        n = config.num_latents
         prefix_pos = prefix_position_ids(attention_mask)
         last = torch.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, device=input_ids.device)
         anchor = self._latent_anchor(input_ids, attention_mask, last) if anchored else None
-        if coprocessor.config.soft_token_attention == "causal":
+        if config.soft_token_attention == "causal":
             # the model's own causal mask: an independent check on dca.masks in the tests
             extended_mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], n)], dim=1)
-            latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=layout)
+            latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions,
+                                            replaced=config.replaced_entries)
             return coprocessor(cache, extended_mask, latent_pos, anchor=anchor)
         soft_mask, soft_pos, _ = self._group_inputs(attention_mask, prefix_pos, last, n, causal=False, num_latents=n)
         return coprocessor(cache, soft_mask, soft_pos, anchor=anchor)

@@ -50,19 +50,19 @@ def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int,
 def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor) -> SimpleNamespace:
     """Read the unpadded row `text` [1, S] plainly, then write `latents` after its last token, laid out as
     `augment` lays out latents computed at that token: what a late insertion is defined to be. Under "overwrite"
-    the latents replace the entries of the last N tokens of `text`: only x[0..s-N] is read first, and with fewer
-    than N tokens only the last `len(text)` latents are written (one per token they replace)."""
+    the (first R) latents replace the entries of the last R tokens of `text`: only x[0..s-R] is read first, and
+    with fewer than R tokens the first R - `len(text)` latents, which would replace nothing, are not written."""
     config = model.coprocessor.config
     n, length, kept = config.num_latents, text.shape[1], config.kept_entries(text.shape[1])
-    if config.replaced_entries and length < n:
-        latents = latents[:, n - length :]
+    padding = max(config.replaced_entries - length, 0)  # latents that would replace tokens before the first
+    latents = latents[:, padding:]
     cache = DynamicCache()
     if kept:
         model.decoder(input_ids=text[:, :kept], past_key_values=cache, use_cache=True)
     prefix_pos = torch.arange(length, device=text.device)[None]
     last = torch.tensor([[length - 1]], device=text.device)
-    latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions)
-    latent_pos = latent_pos[:, n - latents.shape[1] :]
+    latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions,
+                                    replaced=config.replaced_entries)[:, padding:]
     mask = torch.ones(1, kept + latents.shape[1], dtype=torch.long, device=text.device)
     out = model.decoder(inputs_embeds=latents, attention_mask=mask, position_ids=latent_pos, past_key_values=cache,
                         use_cache=True)
@@ -87,9 +87,11 @@ def move_anchor(model: AugmentedLM, latents: torch.Tensor, prompt: torch.Tensor,
 
 
 def _anchor(model: AugmentedLM, row: torch.Tensor) -> torch.Tensor:
-    n, length = model.coprocessor.config.num_latents, row.shape[1]
+    config, length = model.coprocessor.config, row.shape[1]
+    n = config.num_latents
+    replayed = config.replaced_entries or n  # "overwrite" with R < N: the appended latents have no anchor
     embeds = model.decoder.get_input_embeddings()(row[0])
-    replay = torch.stack([embeds[max(length - n + i, 0)] for i in range(n)])[None]
-    if model.coprocessor.config.latent_anchor == "replay":
-        return replay
-    return torch.cat([torch.zeros_like(replay[:, :-1]), replay[:, -1:]], dim=1)  # last_token
+    replay = torch.stack([embeds[max(length - replayed + i, 0)] for i in range(replayed)])[None]
+    if config.latent_anchor == "last_token":
+        replay = torch.cat([torch.zeros_like(replay[:, :-1]), replay[:, -1:]], dim=1)
+    return torch.cat([replay, replay.new_zeros(1, n - replayed, replay.shape[-1])], dim=1)

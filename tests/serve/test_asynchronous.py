@@ -70,6 +70,19 @@ def test_overwrite_on_a_prompt_shorter_than_n(family):
         assert result.sequences.tolist() == sequential_reference(model, prompt, delay).tolist(), delay
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("prompt_len", [1, 8])
+def test_overwrite_with_appended_latents(family, prompt_len):
+    """R = 2 of N = 3 latents replace x[s-1 .. s], the third follows them (one prompt shorter than R)."""
+    model = make_model(family, latent_positions="overwrite", num_overwritten=2, gate_init=2.0)
+    prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(7))
+    for delay in (0, 1, 3):
+        result = generate_async(model, prompt, latent_delay=delay, max_new_tokens=NEW, do_sample=False)
+        assert result.sequences.tolist() == sequential_reference(model, prompt, delay).tolist(), delay
+    assert torch.equal(result.sequences, generate_async(model, prompt, latent_delay=3, max_new_tokens=NEW,
+                                                        do_sample=False).sequences)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_left_padded_batch_equals_each_row_alone(layout):
     model = make_model("gemma3", latent_positions=layout)

@@ -95,6 +95,21 @@ def test_a_document_shorter_than_n_is_stored_with_one_latent_per_token(tmp_path,
     assert store.stats["hits"] == 1
 
 
+@pytest.mark.parametrize("doc_len", [1, 8])
+def test_overwrite_with_appended_latents_is_stored_and_served(tmp_path, doc_len):
+    # R = 2 of N = 3 latents replace the document's last tokens, the third follows; a 1-token document keeps 2
+    model = make_model("llama", latent_positions="overwrite", num_overwritten=2)
+    doc, prompt = doc_and_prompt(doc_len=doc_len, rest_len=4)
+    store = ContextStore(tmp_path)
+    assert store.put(model, doc).latents.shape[1] == (2 if doc_len == 1 else 3)
+    expected, logits = reference_tokens(model, doc, prompt, with_logits=True)
+    out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, store=store,
+                         output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, prompt.shape[1]:], expected)
+    torch.testing.assert_close(torch.stack(out.logits, 1), logits, rtol=1e-5, atol=1e-5)
+    assert store.stats["hits"] == 1
+
+
 def test_the_longest_stored_document_is_used_and_a_prompt_without_one_is_augmented_at_its_end(tmp_path):
     model = make_model()
     doc, prompt = doc_and_prompt(doc_len=8, rest_len=5)

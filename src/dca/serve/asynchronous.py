@@ -17,7 +17,8 @@ latents inserted after x[s]:
 * ``"shared"``: all at pos(s), and the text resumes at pos(s)+1;
 * ``"replay"``: the positions of x[s-N+1 .. s] (generated tokens count), and the text resumes at pos(s)+1;
 * ``"overwrite"``: as "replay", in place of the cache entries of x[s-N+1 .. s] (generated tokens the decoder has
-  already read lose their entries; x[s] never gets one), as `training_loss(delays=...)` scores it.
+  already read lose their entries; x[s] never gets one), as `training_loss(delays=...)` scores it; with
+  ``num_overwritten`` = R < N only the first R replace x[s-R+1 .. s], the others follow at pos(s)+1 ...
 
 The coprocessor's output is that of time t (its soft tokens sat at t and read x[0..t]); the anchor it is added
 to (`latent_anchor`) is that of the insertion point, computed from the tokens generated so far: under
@@ -197,14 +198,15 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             anchor = model._latent_anchor(sequences, text_mask, last)
             if anchor is not None:
                 embeds = embeds + anchor.to(embeds.dtype)
-            position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout)
+            position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout, replaced=replaced)
             if replaced:  # "overwrite": the latents take the entries of x[s-N+1 .. s]; x[s] (pending) never enters
                 kept = coprocessor.config.kept_entries(text_mask.shape[1])
                 if mask.shape[1] > kept:
                     cache.crop(kept - mask.shape[1])  # transformers' crop takes the number of entries to drop
-                # with fewer than N tokens, the latents that would replace none are masked (as augment does)
+                # with fewer than R tokens, the latents that would replace none are masked (as augment does); those
+                # appended after them (R < N) are seen
                 mask = torch.cat([mask[:, :kept], F.pad(text_mask, (max(replaced - text_mask.shape[1], 0), 0))
-                                  [:, -replaced:]], dim=1)
+                                  [:, -replaced:], mask.new_ones(batch, n - replaced)], dim=1)
                 pending = None
             else:
                 if pending is not None:

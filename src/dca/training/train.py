@@ -41,7 +41,7 @@ from dca.checks import (
     check_number,
     check_writable_dir,
 )
-from dca.config import PRESETS, CoprocessorConfig, earliest_point, help_meta
+from dca.config import PRESETS, CoprocessorConfig, drop_legacy, earliest_point, help_meta, legacy_meta
 from dca.errors import ArgumentError, DataError, TrainingDiverged
 from dca.eval.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
@@ -66,12 +66,6 @@ from dca.training.distributed import Processes
 NOT_IDENTITY = ("out", "model", "data", "eval_every", "eval_sequences", "save_every", "device", "bf16", "progress",
                 "max_bad_steps", "group_attention", "activation_checkpointing",
                 "preset")  # the preset only names where `coprocessor` started; its fields are the identity
-
-
-def legacy_meta(value: object) -> dict[str, object]:
-    """Field metadata of an option added after runs existed: at `value` (what those runs did) it is left out of a
-    run's identity, so they resume."""
-    return {"legacy": value}
 
 
 @dataclass
@@ -173,9 +167,8 @@ class TrainArgs:
 
         The batch size is the global one, so K processes x batch B resume as one process x batch K*B.
         """
-        legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(self) if "legacy" in f.metadata}
-        identity = {k: v for k, v in dataclasses.asdict(self).items()
-                    if k not in NOT_IDENTITY and not (k in legacy and v == legacy[k])}
+        identity = {k: v for k, v in drop_legacy(self, dataclasses.asdict(self)).items() if k not in NOT_IDENTITY}
+        identity["coprocessor"] = self.coprocessor.to_dict()  # which leaves out its own legacy fields
         return {**identity, "batch_size": self.batch_size * world_size}
 
 
