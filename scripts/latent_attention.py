@@ -22,7 +22,7 @@ import torch
 from dca import AugmentedLM
 from dca.atomic import write_figure, write_file
 from dca.eval.eval_suite import coprocessor_labels
-from dca.eval.evaluate import held_out_eval_set
+from dca.eval.evaluate import add_held_out_arguments, held_out_eval_set
 from dca.resources import load_model
 
 matplotlib.use("Agg")
@@ -55,13 +55,7 @@ def latent_mass(model: AugmentedLM | None, decoder, seq: torch.Tensor, t: int, n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coprocessors", nargs="+", help="LABEL=FOLDER of saved coprocessors")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="wiki")
-    parser.add_argument("--held-out-fraction", type=float, default=0.05)
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--positions", type=int, default=4)
-    parser.add_argument("--min-position", type=int, default=15)
+    add_held_out_arguments(parser, sequences=32)
     parser.add_argument("--max-k", type=int, default=32)
     parser.add_argument("--out", required=True, help="folder for latent_attention.{json,md,png}")
     parser.add_argument("--replot", action="store_true", help="redraw the table and plot from the JSON in --out")

@@ -131,12 +131,15 @@ for spec in late-points/wiki:wiki:0.05:256:100 late-points/owt:owt:0.9:256:100 \
     > "$RUNS/eval-${name//\//-}.log" 2>&1
 done
 more=$REPORT/budget-1200/more-sequences
-score_more() {  # score_more NAME ADAPTER: the more-sequences tables' sequences and points, both corpora, into more/NAME-*
-  local name=$1 adapter=$2 split data fraction sequences
+score_more() {  # score_more NAME ADAPTER [untrained]: the more-sequences tables' sequences and points, both corpora,
+  # into more/NAME-* (with "untrained", beside the untrained coprocessor of its config: an overwrite one is the frozen
+  # decoder, so the others leave it out)
+  local name=$1 adapter=$2 split data fraction sequences untrained=(--no-untrained)
+  [[ ${3:-} == untrained ]] && untrained=()
   for split in wiki:0.05:192 owt:0.9:384; do
     IFS=: read -r data fraction sequences <<< "$split"
     [[ -f $more/$name-$data/eval.json ]] && continue
-    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" --no-untrained \
+    $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" "${untrained[@]}" \
       --coprocessors "$adapter" --sequences "$sequences" --positions 8 --min-position 15 --batch-size 16 \
       --out "$more/$name-$data" > "$RUNS/eval-more-$name-$data.log" 2>&1 &
   done
@@ -212,5 +215,34 @@ for data in wiki owt; do
   .venv/bin/python scripts/paired.py "$more/2400-overwrite-$data/eval.json:overwrite-n16=overwrite-2400" \
     "$more/2400-pause-$data/eval.json:pause-n16=pause-2400" "$more/$data/eval.json:overwrite-n16=overwrite-1200" \
     "$more/$data/eval.json:pause-n16=pause-1200" > "$more/paired-2400-$data.md"
+done
+# session 12: one coprocessor with both kinds of entries (--num-overwritten 16 of N = 32: the overwrite run's 16 latents
+# in place of x[t-15 .. t], plus 16 appended after t, each with a trainable offset), first at the first runs' budget
+# (300 steps), scored in one dca eval with the overwrite run and pause tokens of that budget (paired), beside its
+# untrained self on wiki (not a no-op); then at the 1200-step budget, paired against that budget's runs
+RUNS_300=${RUNS%-1200}
+mkdir -p "$RUNS_300-joint"
+RUNS=$RUNS_300-joint STEPS=300 run overwrite16-plus16 --num-latents 32 --num-overwritten 16 --lora-rank 16 \
+  --latent-positions overwrite >> "$RUNS_300-joint/overwrite16-plus16.log" 2>&1
+for split in wiki:0.05:192 owt:0.9:192; do
+  IFS=: read -r data fraction sequences <<< "$split"
+  out=$REPORT/budget-300-joint/$data
+  [[ -f $out/eval.json ]] && continue
+  untrained=(); [[ $data == owt ]] && untrained=(--no-untrained)
+  $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "$fraction" "${untrained[@]}" \
+    --coprocessors "$RUNS_300-joint/overwrite16-plus16/adapter" "$RUNS_300/overwrite-n16/adapter" \
+    "$RUNS_300/pause-n16/adapter" --sequences "$sequences" --positions 8 --min-position 15 --batch-size 16 \
+    --out "$out" > "$RUNS_300-joint/eval-$data.log" 2>&1 &
+done
+wait
+RUNS_JOINT=${RUNS}-joint
+mkdir -p "$RUNS_JOINT"
+RUNS=$RUNS_JOINT run overwrite16-plus16 --num-latents 32 --num-overwritten 16 --lora-rank 16 \
+  --latent-positions overwrite >> "$RUNS_JOINT/overwrite16-plus16.log" 2>&1
+score_more joint "$RUNS_JOINT/overwrite16-plus16/adapter" untrained
+for data in wiki owt; do
+  .venv/bin/python scripts/paired.py "$more/joint-$data/eval.json:overwrite16-plus16=both-kinds" \
+    "$more/$data/eval.json:overwrite-n16=overwrite" "$more/$data/eval.json:pause-n16=pause" \
+    > "$more/paired-joint-$data.md"
 done
 echo "== long-cpu done ($(date -u +%H:%M))"

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dca import AugmentedLM
 from dca.atomic import write_file
 from dca.cache import fork_cache
-from dca.eval.evaluate import KS, bootstrapped_change, held_out_eval_set, perplexity_by_position
+from dca.eval.evaluate import KS, add_held_out_arguments, bootstrapped_change, held_out_eval_set, perplexity_by_position
 from dca.resources import load_model
 
 NAMES = ("overwrite", "pause tokens", "overwrite + pause tokens")
@@ -66,13 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overwrite", required=True, help="a saved coprocessor with latent_positions='overwrite'")
     parser.add_argument("--pause", required=True, help="saved pause tokens")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="wiki")
-    parser.add_argument("--held-out-fraction", type=float, default=0.05)
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--positions", type=int, default=4)
-    parser.add_argument("--min-position", type=int, default=15)
+    add_held_out_arguments(parser, sequences=64)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--out", required=True, help="folder for overwrite_plus_pause.{json,md}")
     args = parser.parse_args()

@@ -116,10 +116,10 @@ class AugmentedLM(nn.Module):
                 (`latent_anchor`) is that of s (the embeddings of x[s-N+1 .. s] for "replay") and it is scored on
                 x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
 
-        Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-N] and replaces x[s-N+1 .. s]
-        (x[0..s-R] and x[s-R+1 .. s] with `num_overwritten` = R < N, the other latents appended after them)
-        (its soft tokens still read x[0..t]); at a point with r < N real tokens up to s only the last r latents are
-        seen (`dca.masks.padded_latents`), as `augment` writes them after a prompt shorter than N.
+        Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-R] and replaces x[s-R+1 .. s]
+        (R = `num_overwritten`, N by default; the other N - R latents follow them), while its soft tokens still read
+        x[0..t]; at a point with r < R real tokens up to s the first R - r latents are hidden
+        (`dca.masks.padded_latents`), as `augment` hides them after a prompt shorter than R.
 
         Raises:
             ValueError: a bad batch or bad positions, delays or num_ahead, naming which.

@@ -14,6 +14,7 @@ its sequence is not scored.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass
 
@@ -172,3 +173,15 @@ def held_out_eval_set(model_tokenizer, data: str, held_out_fraction: float, sequ
         raise DataError(f"only {len(seqs)} held-out sequences of {seq_len} tokens in {data!r}, asked for {sequences}")
     generator = torch.Generator().manual_seed(seed)
     return seqs, sample_positions(len(seqs), seq_len - max_k + 1, positions, generator, min_position)
+
+
+def add_held_out_arguments(parser: argparse.ArgumentParser, *, sequences: int) -> None:
+    """The options of `held_out_eval_set` (model, corpus, split, sequences, length, points), for scripts that score
+    coprocessors outside `dca eval` on the points it would use."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="wiki")
+    parser.add_argument("--held-out-fraction", type=float, default=0.05)
+    parser.add_argument("--sequences", type=int, default=sequences)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--positions", type=int, default=4, help="augmentation points per sequence")
+    parser.add_argument("--min-position", type=int, default=15)
