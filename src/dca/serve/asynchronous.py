@@ -199,7 +199,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             if anchor is not None:
                 embeds = embeds + anchor.to(embeds.dtype)
             position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout, replaced=replaced)
-            if replaced:  # "overwrite": the latents take the entries of x[s-N+1 .. s]; x[s] (pending) never enters
+            if replaced:  # "overwrite": the latents take the entries of x[s-R+1 .. s]; x[s] (pending) never enters
                 kept = coprocessor.config.kept_entries(text_mask.shape[1])
                 if mask.shape[1] > kept:
                     cache.crop(kept - mask.shape[1])  # transformers' crop takes the number of entries to drop
