@@ -218,17 +218,20 @@ for data in wiki owt; do
 done
 # session 12: one coprocessor with both kinds of entries (--num-overwritten 16 of N = 32: the overwrite run's 16 latents
 # in place of x[t-15 .. t], plus 16 appended after t, each with a trainable offset), first at the first runs' budget
-# (300 steps), scored in one dca eval with the overwrite run and pause tokens of that budget (paired; wiki only, 128
-# sequences, for want of cores: two other jobs shared them); then at the 1200-step budget, paired against that
-# budget's runs, beside its untrained self (not a no-op)
+# (300 steps), scored in one dca eval with the overwrite run and pause tokens of that budget (paired; 128 sequences,
+# for want of cores: two other jobs shared them); then at the 1200-step budget, paired against that budget's runs,
+# beside its untrained self (not a no-op)
 RUNS_300=${RUNS%-1200}
 mkdir -p "$RUNS_300-joint"
 RUNS=$RUNS_300-joint STEPS=300 run overwrite16-plus16 --num-latents 32 --num-overwritten 16 --lora-rank 16 \
   --latent-positions overwrite >> "$RUNS_300-joint/overwrite16-plus16.log" 2>&1
-[[ -f $REPORT/budget-300-joint/wiki/eval.json ]] || $DCA eval --model smollm2-135m --data wiki \
-  --held-out-fraction 0.05 --no-untrained --coprocessors "$RUNS_300-joint/overwrite16-plus16/adapter" \
-  "$RUNS_300/overwrite-n16/adapter" "$RUNS_300/pause-n16/adapter" --sequences 128 --positions 8 --min-position 15 \
-  --batch-size 16 --out "$REPORT/budget-300-joint/wiki" > "$RUNS_300-joint/eval-wiki.log" 2>&1
+for split in wiki:0.05 owt:0.9; do
+  data=${split%:*}
+  [[ -f $REPORT/budget-300-joint/$data/eval.json ]] || $DCA eval --model smollm2-135m --data "$data" \
+    --held-out-fraction "${split#*:}" --no-untrained --coprocessors "$RUNS_300-joint/overwrite16-plus16/adapter" \
+    "$RUNS_300/overwrite-n16/adapter" "$RUNS_300/pause-n16/adapter" --sequences 128 --positions 8 \
+    --min-position 15 --batch-size 16 --out "$REPORT/budget-300-joint/$data" > "$RUNS_300-joint/eval-$data.log" 2>&1
+done
 RUNS_JOINT=${RUNS}-joint
 mkdir -p "$RUNS_JOINT"
 RUNS=$RUNS_JOINT run overwrite16-plus16 --num-latents 32 --num-overwritten 16 --lora-rank 16 \
