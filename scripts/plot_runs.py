@@ -31,10 +31,11 @@ def main() -> None:
     parser.add_argument("--ylim", type=float, nargs=2, default=None, help="the y range, in percent")
     args = parser.parse_args()
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for spec in args.runs:
+    colours = plt.get_cmap("tab20" if len(args.runs) > 10 else "tab10")  # past 10 curves the default cycle repeats
+    for i, spec in enumerate(args.runs):
         label, _, folder = spec.rpartition("=")
         steps, changes = held_out_by_step(Path(folder))
-        ax.plot(steps, changes, marker="o", label=label)
+        ax.plot(steps, changes, marker="o", label=label, color=colours(i))
     ax.axhline(0, color="grey", linewidth=0.8)
     if args.ylim:
         ax.set_ylim(*args.ylim)
