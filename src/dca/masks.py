@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from dca.config import LATENT_POSITIONS
+from dca.config import LATENT_POSITIONS, CoprocessorConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -93,6 +93,14 @@ def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, 
         index = (insert_at[:, :, None] + torch.arange(1 - in_place, 1, device=device)).clamp(min=0)
         latents = prefix_positions.gather(1, index.flatten(1)).view_as(index)
     return torch.cat([latents, following], dim=2).flatten(1)
+
+
+def latent_group_position_ids(config: CoprocessorConfig, prefix_positions: torch.Tensor, insert_at: torch.Tensor,
+                              group_size: int) -> torch.Tensor:
+    """`group_position_ids` of groups that start with `config`'s N latents, laid out as its `latent_positions` (and
+    `num_overwritten`) say: the one place a config becomes position ids."""
+    return group_position_ids(prefix_positions, insert_at, group_size, num_latents=config.num_latents,
+                              layout=config.latent_positions, replaced=config.replaced_entries)
 
 
 def prefix_allowed(

@@ -34,7 +34,7 @@ from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
 from dca.inputs import check_batch, check_context, check_delays, check_positions, position_limit
-from dca.masks import group_attention_mask, group_position_ids, prefix_position_ids
+from dca.masks import group_attention_mask, latent_group_position_ids, prefix_position_ids
 from dca.outputs import AugmentOutput, TrainingLoss
 from dca.recompute import recomputed_layers
 
@@ -149,8 +149,7 @@ class AugmentedLM(nn.Module):
         targets = input_ids.gather(1, target_index.flatten(1)).view_as(target_index)
         group = n + a - 1
         # members after a group's last target are computed but unused: only the others must fit the context
-        group_pos = group_position_ids(prefix_pos, inserted, group, num_latents=n, layout=config.latent_positions,
-                                       replaced=replaced)
+        group_pos = latent_group_position_ids(config, prefix_pos, inserted, group)
         needed = torch.cat([target_mask.new_ones(*positions.shape, n), target_mask[:, :, 1:]], dim=2)
         real_before = prefix_pos.gather(1, inserted) + 1  # real tokens x[0..s]
         check_context(self.decoder.config, "training_loss: a group's prompt, latents and ahead tokens",
@@ -174,7 +173,7 @@ class AugmentedLM(nn.Module):
             latents = coprocessor.pause_tokens(input_ids.shape[0], positions.shape[1])
         else:
             soft_mask, soft_pos, soft_kwargs = self._group_inputs(
-                attention_mask, prefix_pos, positions, n, num_latents=n,
+                attention_mask, prefix_pos, positions, n,
                 causal=config.soft_token_attention == "causal", attention=attention)
             with self._group_pass(coprocessor.body, attention):
                 # the soft tokens read x[0..t]; the anchor is the text before the insertion point s = t + d, so that
@@ -188,7 +187,7 @@ class AugmentedLM(nn.Module):
         keep = (torch.arange(positions.shape[1], device=input_ids.device)[:, None] * group + n - 1
                 + torch.arange(a, device=input_ids.device)).flatten()  # logits at the last latent and after
         mask, _, group_kwargs = self._group_inputs(attention_mask, prefix_pos, inserted, group, causal=True,
-                                                   num_latents=n, attention=attention, replaced=replaced)
+                                                   attention=attention, replaced=replaced)
         limit = position_limit(self.decoder.config)
         if limit is not None:  # the unused members past the end (learned position tables have no row for them)
             group_pos = group_pos.clamp(max=limit - 1)
@@ -219,13 +218,11 @@ class AugmentedLM(nn.Module):
         return self.group_attention
 
     def _group_inputs(self, attention_mask: torch.Tensor, prefix_pos: torch.Tensor, positions: torch.Tensor,
-                      group_size: int, *, causal: bool, num_latents: int, attention: str = "dense",
-                      replaced: int = 0):
-        """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size`, each replacing
+                      group_size: int, *, causal: bool, attention: str = "dense", replaced: int = 0):
+        """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size` that start with
+        the N latents (or soft tokens), each replacing
         the cache entries of the last `replaced` tokens up to its insertion point (`dca.masks.prefix_allowed`)."""
-        config = self.coprocessor.config
-        position_ids = group_position_ids(prefix_pos, positions, group_size, num_latents=num_latents,
-                                          layout=config.latent_positions, replaced=config.replaced_entries)
+        position_ids = latent_group_position_ids(self.coprocessor.config, prefix_pos, positions, group_size)
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
             # a token 4D placeholder (any 4D tensor), so that transformers builds none (grouped and flex attention
             # ignore it); training_loss's cache comes from a pass without gradients: the prefix needs none
@@ -306,8 +303,7 @@ class AugmentedLM(nn.Module):
         batch, length = input_ids.shape
         prefix_pos = prefix_position_ids(attention_mask)
         last = torch.full((batch, 1), length - 1, device=input_ids.device)
-        latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=coprocessor.config.latent_positions,
-                                        replaced=replaced)
+        latent_pos = latent_group_position_ids(coprocessor.config, prefix_pos, last, n)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         # the latents replace the last `replaced` entries and take their mask (0 where they replace padding)
         extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, added)], dim=1)
@@ -344,10 +340,9 @@ class AugmentedLM(nn.Module):
         if config.soft_token_attention == "causal":
             # the model's own causal mask: an independent check on dca.masks in the tests
             extended_mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], n)], dim=1)
-            latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions,
-                                            replaced=config.replaced_entries)
+            latent_pos = latent_group_position_ids(config, prefix_pos, last, n)
             return coprocessor(cache, extended_mask, latent_pos, anchor=anchor)
-        soft_mask, soft_pos, _ = self._group_inputs(attention_mask, prefix_pos, last, n, causal=False, num_latents=n)
+        soft_mask, soft_pos, _ = self._group_inputs(attention_mask, prefix_pos, last, n, causal=False)
         return coprocessor(cache, soft_mask, soft_pos, anchor=anchor)
 
     @torch.no_grad()

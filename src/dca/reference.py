@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from dca.masks import group_position_ids
+from dca.masks import latent_group_position_ids
 from dca.model import AugmentedLM
 
 
@@ -61,8 +61,7 @@ def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor
         model.decoder(input_ids=text[:, :kept], past_key_values=cache, use_cache=True)
     prefix_pos = torch.arange(length, device=text.device)[None]
     last = torch.tensor([[length - 1]], device=text.device)
-    latent_pos = group_position_ids(prefix_pos, last, n, num_latents=n, layout=config.latent_positions,
-                                    replaced=config.replaced_entries)[:, padding:]
+    latent_pos = latent_group_position_ids(config, prefix_pos, last, n)[:, padding:]
     mask = torch.ones(1, kept + latents.shape[1], dtype=torch.long, device=text.device)
     out = model.decoder(inputs_embeds=latents, attention_mask=mask, position_ids=latent_pos, past_key_values=cache,
                         use_cache=True)

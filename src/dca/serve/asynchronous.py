@@ -45,7 +45,7 @@ from transformers.generation import GenerationMode
 
 from dca.cache import fork_cache
 from dca.generation import check_own_arguments
-from dca.masks import group_position_ids, prefix_position_ids
+from dca.masks import latent_group_position_ids, prefix_position_ids
 
 ASYNC = "async"  # AugmentedLM.generate(augment=ASYNC)
 # what the loop itself honours beside the GenerationConfig's fields
@@ -158,8 +158,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     if rest:
         raise ValueError(f"generate(augment='async') does not take {', '.join(sorted(rest))}")
     batch, length = input_ids.shape
-    n, layout, replaced = (coprocessor.config.num_latents, coprocessor.config.latent_positions,
-                           coprocessor.config.replaced_entries)
+    n, replaced = coprocessor.config.num_latents, coprocessor.config.replaced_entries
     prefix_pos = prefix_position_ids(attention_mask)
     check_context(decoder.config, "generate(augment='async'): the prompt, its latents and the new tokens",
                    int(prefix_pos.max()) + config.max_length - length + coprocessor.config.positions_taken,
@@ -198,7 +197,7 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             anchor = model._latent_anchor(sequences, text_mask, last)
             if anchor is not None:
                 embeds = embeds + anchor.to(embeds.dtype)
-            position_ids = group_position_ids(text_pos, last, n, num_latents=n, layout=layout, replaced=replaced)
+            position_ids = latent_group_position_ids(coprocessor.config, text_pos, last, n)
             if replaced:  # "overwrite": the latents take the entries of x[s-R+1 .. s]; x[s] (pending) never enters
                 kept = coprocessor.config.kept_entries(text_mask.shape[1])
                 if mask.shape[1] > kept:
