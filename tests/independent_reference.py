@@ -16,9 +16,12 @@ its own `DynamicCache`) and torch, and writes out what `CoprocessorConfig`'s doc
   text's position ids; the logits after the last latent score x[t+1], those after x[t+k] score x[t+k+1].
   Under ``latent_positions="overwrite"`` the decoder's own prompt pass is run on x[0..t-N] only (the latents
   take the place of x[t-N+1 .. t]), and the coprocessor reads a cache of the whole prompt made apart; a
-  prompt of r < N tokens keeps only the last r latents, one per token they replace. With ``num_overwritten``
+  prompt of r < N tokens masks its first N - r latents, which replace no token. With ``num_overwritten``
   = R < N only the first R latents take the places of x[t-R+1 .. t] (and replay them); the other N - R follow at
-  t+1 .. t+N-R with no anchor but a trainable offset each, and the text resumes at t+N-R+1.
+  t+1 .. t+N-R with no anchor but a trainable offset each, and the text resumes at t+N-R+1. With
+  ``appended_at="window"`` those N - R come first instead, as N - R entries inserted before x[t-R+1]: at the
+  N - R positions from that of x[t-R+1] on, the R after them at the positions of x[t-R+1 .. t] plus
+  N - R, and the text resumes at t+N-R+1 as before.
 """
 
 from __future__ import annotations
@@ -39,16 +42,25 @@ def overwritten(config) -> int:
     return config.num_latents if config.num_overwritten is None else config.num_overwritten
 
 
+def appended_first(config) -> bool:
+    """Whether the N - R appended latents precede the R that replace tokens (``appended_at="window"``)."""
+    return getattr(config, "appended_at", "point") == "window" and 0 < overwritten(config) < config.num_latents
+
+
 def latent_position_ids(config, t: int) -> list[int]:
     """`latent_positions`: "after" t+1 .. t+N, "shared" all at t, "replay" the positions of x[t-N+1 .. t]
-    (clamped at the first token), "overwrite" those of x[t-R+1 .. t], then t+1 .. t+N-R."""
+    (clamped at the first token), "overwrite" those of x[t-R+1 .. t], then t+1 .. t+N-R (or, appended first,
+    N - R positions from that of x[t-R+1] on, then those of x[t-R+1 .. t] moved N - R on)."""
     layout, n = config.latent_positions, config.num_latents
     if layout == "after":
         return [t + 1 + i for i in range(n)]
     if layout == "shared":
         return [t] * n
     r = overwritten(config) or n
-    return [max(t - r + 1 + i, 0) for i in range(r)] + [t + 1 + i for i in range(n - r)]
+    window = [max(t - r + 1 + i, 0) for i in range(r)]
+    if appended_first(config):
+        return [window[0] + i for i in range(n - r)] + [p + n - r for p in window]
+    return window + [t + 1 + i for i in range(n - r)]
 
 
 def text_position_ids(config, t: int, count: int) -> list[int]:
@@ -130,13 +142,15 @@ def coprocessor_latents(model, prompt: torch.Tensor, cache: DynamicCache) -> tor
             latents = latents * copro.latent_gain
     embed = decoder.get_input_embeddings()
     r = overwritten(config) or n  # the latents that get an anchor: the appended ones under "overwrite" get none,
+    anchored = slice(n - r, n) if appended_first(config) else slice(0, r)
+    appended = slice(0, n - r) if appended_first(config) else slice(r, n)
     anchor = torch.zeros_like(latents)
     if r < n:  # but a trainable offset each
-        anchor[:, r:] = copro.appended_offset
+        anchor[:, appended] = copro.appended_offset
     if config.latent_anchor == "replay":  # the embeddings of x[t-R+1 .. t], clamped at the first token
-        anchor[:, :r] = embed(prompt[:, [max(t - r + 1 + i, 0) for i in range(r)]])
-    elif config.latent_anchor == "last_token":  # x[t] on the last (anchored) latent, zeros elsewhere
-        anchor[:, r - 1] = embed(prompt[:, -1])
+        anchor[:, anchored] = embed(prompt[:, [max(t - r + 1 + i, 0) for i in range(r)]])
+    elif config.latent_anchor == "last_token":  # x[t] on the last anchored latent, zeros elsewhere
+        anchor[:, anchored.stop - 1] = embed(prompt[:, -1])
     latents = latents + anchor
     return latents
 
@@ -156,14 +170,19 @@ def group_losses(model, row: torch.Tensor, t: int) -> torch.Tensor:
         if kept:
             decoder(input_ids=prompt[:, :kept], position_ids=torch.arange(kept)[None], past_key_values=cache,
                     use_cache=True)
-        # a prompt of t+1 < R tokens drops the first R - (t+1) latents: they would replace no token
-        padding = r - (t + 1 - kept)
-        latents, latent_positions = latents[:, padding:], latent_positions[:, padding:]
-    # the decoder's own causal masks from here on: nothing but position ids is given
-    out = decoder(inputs_embeds=latents, position_ids=latent_positions, past_key_values=cache, use_cache=True)
+    # the decoder's own causal masks from here on, given position ids and which entries are padding: a prompt of
+    # t+1 < R tokens masks the first R - (t+1) of the R latents (they would replace no token), where augment pads it
+    visible = torch.ones(1, cache.get_seq_length() + config.num_latents, dtype=torch.long)
+    if r:
+        first = cache.get_seq_length() + (config.num_latents - r if appended_first(config) else 0)
+        visible[:, first : first + max(r - (t + 1), 0)] = 0
+    out = decoder(inputs_embeds=latents, position_ids=latent_positions, attention_mask=visible, past_key_values=cache,
+                  use_cache=True)
     logits = [out.logits[0, -1:]]
     if len(targets) > 1:
         ahead = row[:, t + 1 : t + len(targets)]
         positions = torch.tensor([text_position_ids(config, t, ahead.shape[1])])
-        logits.append(decoder(input_ids=ahead, position_ids=positions, past_key_values=cache, use_cache=True).logits[0])
+        visible = F.pad(visible, (0, ahead.shape[1]), value=1)
+        logits.append(decoder(input_ids=ahead, position_ids=positions, attention_mask=visible, past_key_values=cache,
+                              use_cache=True).logits[0])
     return F.cross_entropy(torch.cat(logits).float(), targets, reduction="none")

@@ -80,10 +80,12 @@ def test_the_overwrite_layout(family, attention, extra):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ["causal", "full"])
 @pytest.mark.parametrize("replaced", [1, 2])
-def test_overwrite_with_appended_latents(family, attention, replaced):
-    # R of N = 3 latents replace x[t-R+1 .. t], the others are appended after them: positions, anchors, masks
+@pytest.mark.parametrize("appended_at", ["point", "window"])
+def test_overwrite_with_appended_latents(family, attention, replaced, appended_at):
+    # R of N = 3 latents replace x[t-R+1 .. t], the others are appended after them (or before them, "window"):
+    # positions, anchors, masks
     model = perturbed_model(family, num_latents=3, latent_positions="overwrite", num_overwritten=replaced,
-                            soft_token_attention=attention)
+                            soft_token_attention=attention, appended_at=appended_at)
     torch.manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (2, 16))
     mask = torch.ones_like(input_ids)
@@ -157,8 +159,8 @@ def test_full_soft_token_attention_made_causal_everywhere_is_caught(mode, monkey
 
     original = dca.masks.within_group_allowed
 
-    def always_causal(group_size, *, causal=True, sliding_window=None, device=None, padded=None):
-        return original(group_size, causal=True, sliding_window=sliding_window, device=device, padded=padded)
+    def always_causal(group_size, *, causal=True, **kwargs):
+        return original(group_size, causal=True, **kwargs)
 
     for module in (dca.masks, dca.attention.grouped):
         monkeypatch.setattr(module, "within_group_allowed", always_causal)

@@ -3,10 +3,12 @@
 import torch
 from transformers import Gemma2Config, LlamaConfig
 
+from dca.config import CoprocessorConfig
 from dca.masks import (
     group_attention_allowed,
     group_attention_mask,
     group_position_ids,
+    latent_cache_mask,
     padded_latents,
     prefix_position_ids,
     to_additive,
@@ -79,6 +81,28 @@ def test_overwrite_before_n_tokens_hides_the_latents_that_replace_nothing_by_han
     assert allowed[0].long().tolist() == expected
     assert padded_latents(valid, torch.tensor([[0, 1, 3]]), 3).tolist() == [[2, 1, 0]]
     assert padded_latents(valid, torch.tensor([[2, 3]]), 3) is None and padded_latents(valid, pos[:, :1], 0) is None
+
+
+def test_appended_latents_before_the_window_by_hand():
+    # N = 3 latents, R = 2 of them replace x[t-1 .. t], one appended; then one text token; t = 0 and t = 4
+    pos, at = torch.arange(6)[None], torch.tensor([[0, 4]])
+    after = group_position_ids(pos, at, 4, num_latents=3, layout="overwrite", replaced=2)
+    window = group_position_ids(pos, at, 4, num_latents=3, layout="overwrite", replaced=2, appended_first=True)
+    assert after.tolist() == [[0, 0, 1, 2, 3, 4, 5, 6]]  # x[t-1], x[t], the appended one, the text
+    assert window.tolist() == [[0, 1, 1, 2, 3, 4, 5, 6]]  # the appended one, x[t-1] and x[t] one on, the text
+    # at t = 0 (one real token) the first replacing latent replaces nothing: latent 1 after the appended latent 0
+    allowed = group_attention_allowed(torch.ones(1, 2, dtype=torch.long), pos[:, :2], torch.tensor([[0]]), 4,
+                                      replaced=2, padded_from=1)
+    assert allowed[0].long().tolist() == [[0, 0, 1, 0, 0, 0],  # the appended latent
+                                          [0, 0, 1, 1, 0, 0],  # replaces nothing: no other member sees it
+                                          [0, 0, 1, 0, 1, 0],  # replaces x[0]: the appended latent, itself
+                                          [0, 0, 1, 0, 1, 1]]  # the text
+    config = CoprocessorConfig(num_latents=3, num_overwritten=2, appended_at="window")
+    # a cache after a left-padded prompt [pad, x0, x1, x2]: x0 kept, the appended latent, those replacing x1, x2
+    assert latent_cache_mask(config, torch.tensor([[0, 1, 1, 1]])).tolist() == [[0, 1, 1, 1, 1]]
+    assert latent_cache_mask(config, torch.tensor([[1]])).tolist() == [[1, 0, 1]]  # padded to R = 2 first
+    point = CoprocessorConfig(num_latents=3, num_overwritten=2)
+    assert latent_cache_mask(point, torch.tensor([[1]])).tolist() == [[0, 1, 1]]
 
 
 def test_additive_mask_uses_the_dtype_minimum_not_inf():

@@ -100,9 +100,9 @@ def test_the_default_that_appends_duplicates_is_not(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("replaced", [3, 2])
-def test_augment_and_generate_write_what_training_scores(family, replaced):
-    model = overwrite_model(family, lora_rank=4, num_overwritten=replaced)
+@pytest.mark.parametrize(("replaced", "appended_at"), [(3, "point"), (2, "point"), (1, "window")])
+def test_augment_and_generate_write_what_training_scores(family, replaced, appended_at):
+    model = overwrite_model(family, lora_rank=4, num_overwritten=replaced, appended_at=appended_at)
     with torch.no_grad():
         for param in model.coprocessor.parameters():
             if param.requires_grad:
@@ -130,11 +130,13 @@ def test_augment_and_generate_write_what_training_scores(family, replaced):
 
 
 @pytest.mark.parametrize(("family", "impl"), IMPLS)
-def test_training_before_n_tokens_equals_sequential(family, impl):
-    """Points with r < N real tokens up to them (t < N-1, or fewer after left padding): the group's first N - r
-    latents replace nothing and are hidden, as `augment` hides those that replace its padding -- beside full groups
-    of the same pass, with delays (which move a group past N-1) and windows smaller than N (Gemma)."""
-    model = overwrite_model(family, impl, num_latents=8, lora_rank=2)
+@pytest.mark.parametrize("appended", [{}, {"num_overwritten": 5, "appended_at": "window"}])
+def test_training_before_n_tokens_equals_sequential(family, impl, appended):
+    """Points with r < R real tokens up to them (t < R-1, or fewer after left padding): the group's first R - r
+    replacing latents (after the N - R appended ones, "window") replace nothing and are hidden, as `augment` hides
+    those that replace its padding -- beside full groups of the same pass, with delays (which move a group past
+    R-1) and windows smaller than N (Gemma)."""
+    model = overwrite_model(family, impl, num_latents=8, lora_rank=2, **appended)
     with torch.no_grad():
         for name, param in model.coprocessor.named_parameters():
             if "lora_B" in name:
@@ -151,7 +153,8 @@ def test_training_before_n_tokens_equals_sequential(family, impl):
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr("dca.masks.padded_latents", lambda *args: None)
         unhidden = model.training_loss(input_ids, positions, mask).token_losses
-    short = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)  # r = 1, 4, 8, 13; 2, 3, 7, 12
+    real = torch.tensor([[1, 4, 8, 13], [2, 3, 7, 12]])  # real tokens up to each point
+    short = real < model.coprocessor.config.replaced_entries
     changed = (unhidden - out.token_losses).abs().amax(-1) > 1e-4
     assert torch.equal(changed, short)
 
@@ -175,10 +178,20 @@ def test_appended_latents_are_counted_saved_and_validated():
         CoprocessorConfig(num_overwritten=0)
     with pytest.raises(ArgumentError, match="^num_overwritten applies to latent_positions='overwrite' only"):
         CoprocessorConfig(latent_positions="after", num_overwritten=2)
+    window = CoprocessorConfig(num_latents=5, num_overwritten=2, appended_at="window")
+    assert CoprocessorConfig.from_dict(window.to_dict()) == window and window.appended_first
+    assert (window.added_entries, window.positions_taken, window.first_position) == (3, 3, 1)
+    assert "appended_at" not in config.to_dict() and not config.appended_first  # "point", the legacy value
+    for unplaced in ({"num_latents": 5}, {"num_latents": 5, "num_overwritten": 5}, {"latent_positions": "after"}):
+        with pytest.raises(ArgumentError, match="^appended_at applies to latent_positions='overwrite' with "):
+            CoprocessorConfig(appended_at="window", **unplaced)
+    with pytest.raises(ArgumentError, match="^appended_at must be one of"):
+        CoprocessorConfig(num_overwritten=2, appended_at="before")
 
 
-def test_appended_offsets_start_at_zero_are_trained_and_saved(tmp_path):
-    model = overwrite_model("llama", num_latents=4, num_overwritten=1, lora_rank=2)
+@pytest.mark.parametrize("appended_at", ["point", "window"])
+def test_appended_offsets_start_at_zero_are_trained_and_saved(tmp_path, appended_at):
+    model = overwrite_model("llama", num_latents=4, num_overwritten=1, lora_rank=2, appended_at=appended_at)
     offset = model.coprocessor.appended_offset
     assert offset.shape == (3, model.decoder.config.hidden_size) and not offset.any() and offset.requires_grad
     input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))

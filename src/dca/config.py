@@ -13,7 +13,8 @@ with the trained adapter and can be measured rather than guessed:
   decoder does when it simply continues from an augmented cache), or latents that consume no
   position (``"shared"``, ``"replay"``) and text at t+1; or latents that replace the cache entries of
   x[t-N+1 .. t] at those tokens' positions (``"overwrite"``: no duplicates, and text at t+1).
-* ``num_overwritten`` -- under "overwrite", how many latents replace tokens; the rest are appended after t.
+* ``num_overwritten`` -- under "overwrite", how many latents replace tokens; the rest are appended after t
+  (``appended_at="point"``) or before the rewritten tokens (``"window"``).
 
 Two presets: `CoprocessorConfig.paper()` is the paper's literal method (latents are the coprocessor's
 final states after its final norm, written as they are at t+1 .. t+N, weights from the decoder);
@@ -41,6 +42,7 @@ LATENT_SCALES = ("none", "embed_rms", "learned", "gated")
 SOFT_TOKEN_INITS = ("vocab_sample", "vocab_mean", "normal")
 LATENT_ANCHORS = ("none", "last_token", "replay")
 LATENT_POSITIONS = ("after", "shared", "replay", "overwrite")  # dca.masks lays each out
+APPENDED_AT = ("point", "window")  # where "overwrite"'s N - R appended latents go: after x[t], or before x[t-R+1]
 # The paper's literal method, field by field: dca's defaults differ in latent_scale, latent_anchor, latent_positions
 PAPER_FIELDS: dict[str, Any] = {"latent_source": "final_norm", "latent_scale": "none", "latent_anchor": "none",
                                 "latent_positions": "after", "init": "decoder"}
@@ -125,6 +127,12 @@ class CoprocessorConfig:
             than N, at inference and in training) keeps only the last r latents; `dca train` samples t >= N-1 by
             default (`first_position`). Pause tokens are refused
             (they would erase the last N tokens and carry nothing of them).
+        num_overwritten: under "overwrite", R <= N: only R latents replace x[t-R+1 .. t]; the other N - R are
+            appended, each with a trainable offset of its own (from zero) in place of an anchor.
+        appended_at: where those N - R go. ``"point"``: after the R, at pos(t)+1 .. pos(t)+N-R (the text
+            resumes after them). ``"window"``: before the R, as if N - R entries were inserted before x[t-R+1]:
+            they sit at the R's first N - R positions and the R (and the text) move N - R positions on, so the
+            last latent is still the one in place of x[t] and the text is as near it as under R = N.
     """
 
     method: str = field(default="coprocessor", metadata=help_meta("coprocessor, or the pause-token baseline", METHODS))
@@ -145,6 +153,9 @@ class CoprocessorConfig:
         "position ids of latents (default: overwrite with the replay anchor, else after)", LATENT_POSITIONS))
     num_overwritten: int | None = field(default=None, metadata=legacy_meta(None) | help_meta(
         "under overwrite: latents that replace prompt entries (default all N; the rest are appended after t)"))
+    appended_at: str = field(default="point", metadata=legacy_meta("point") | help_meta(
+        "under overwrite with num_overwritten < N: the appended latents follow x[t] (point) or come before the "
+        "replacing ones (window)", APPENDED_AT))
 
     def __post_init__(self) -> None:
         if self.latent_positions is None:
@@ -177,6 +188,9 @@ class CoprocessorConfig:
             if self.num_overwritten > self.num_latents:
                 raise ArgumentError("num_overwritten", f"must be at most num_latents={self.num_latents}, got "
                                     f"{self.num_overwritten}")
+        if self.appended_at != "point" and not (self.replaced_entries and self.added_entries):
+            raise ArgumentError("appended_at", "applies to latent_positions='overwrite' with num_overwritten < "
+                                f"num_latents only (it places the appended latents), got {self.appended_at!r}")
 
     @classmethod
     def paper(cls, **overrides: Any) -> CoprocessorConfig:
@@ -216,6 +230,12 @@ class CoprocessorConfig:
         if self.latent_positions != "overwrite":
             return 0
         return self.num_latents if self.num_overwritten is None else self.num_overwritten
+
+    @property
+    def appended_first(self) -> bool:
+        """Whether the N - R appended latents come first in each group, before the R that replace x[t-R+1 .. t]
+        (``appended_at="window"``), so that the last latent is still the one in place of x[t]."""
+        return self.appended_at == "window"
 
     @property
     def added_entries(self) -> int:

@@ -51,6 +51,7 @@ silently ignores a boolean 4D mask, and -inf turns fully blocked rows into NaNs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from dca.config import LATENT_POSITIONS, CoprocessorConfig
@@ -65,7 +66,8 @@ def prefix_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, group_size: int, *,
-                       num_latents: int = 0, layout: str = "after", replaced: int | None = None) -> torch.Tensor:
+                       num_latents: int = 0, layout: str = "after", replaced: int | None = None,
+                       appended_first: bool = False) -> torch.Tensor:
     """[B, P * group_size] position ids of P groups whose first `num_latents` members are latents.
 
     With ``layout="after"`` member k of the group after token t sits at pos(t) + 1 + k (whatever it
@@ -74,6 +76,8 @@ def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, 
     pos(t) + 1, pos(t) + 2, ... ("overwrite" places them as "replay" does; its cache slots are `prefix_allowed`'s).
     Under "overwrite" with `replaced` = R < N (`num_overwritten`) only the first R latents take the positions of
     x[t-R+1 .. t]; the others, and the text after them, sit at pos(t) + 1, pos(t) + 2, ... as under "after".
+    With `appended_first` (``appended_at="window"``) the N - R come first instead, as if inserted before x[t-R+1]:
+    at pos(x[t-R+1]) + 0 .. N-R-1, then the R at the positions of x[t-R+1 .. t] plus N - R, and the text after.
     """
     if layout not in LATENT_POSITIONS:
         raise ValueError(f"latent positions must be one of {LATENT_POSITIONS}, got {layout!r}")
@@ -92,6 +96,10 @@ def group_position_ids(prefix_positions: torch.Tensor, insert_at: torch.Tensor, 
     else:  # replay, overwrite: the positions of x[t-R+1 .. t]; left padding has position 0, like the first real token
         index = (insert_at[:, :, None] + torch.arange(1 - in_place, 1, device=device)).clamp(min=0)
         latents = prefix_positions.gather(1, index.flatten(1)).view_as(index)
+    appended = num_latents - in_place
+    if appended_first and layout == "overwrite" and appended:
+        latents = torch.cat([latents[:, :, :1] + torch.arange(appended, device=device), latents + appended], dim=2)
+        following = following[:, :, appended:]  # the text's positions, as after the appended latents
     return torch.cat([latents, following], dim=2).flatten(1)
 
 
@@ -100,7 +108,8 @@ def latent_group_position_ids(config: CoprocessorConfig, prefix_positions: torch
     """`group_position_ids` of groups that start with `config`'s N latents, laid out as its `latent_positions` (and
     `num_overwritten`) say: the one place a config becomes position ids."""
     return group_position_ids(prefix_positions, insert_at, group_size, num_latents=config.num_latents,
-                              layout=config.latent_positions, replaced=config.replaced_entries)
+                              layout=config.latent_positions, replaced=config.replaced_entries,
+                              appended_first=config.appended_first)
 
 
 def prefix_allowed(
@@ -141,12 +150,29 @@ def padded_latents(prefix_valid: torch.Tensor, insert_at: torch.Tensor, replaced
     return padded if bool(padded.any()) else None
 
 
+def latent_cache_mask(config: CoprocessorConfig, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L - R + N] (L at least R): the mask of the cache after the latents are written at the end of the
+    left-padded rows `attention_mask` [B, L] -- the kept prompt entries, then the latents in their cache order,
+    each that replaces a token with that token's mask (0 where it replaces padding; a row shorter than R is
+    left-padded to R first, as `augment` pads a short prompt), the appended ones 1."""
+    short = config.replaced_entries - attention_mask.shape[1]
+    if short > 0:
+        attention_mask = F.pad(attention_mask, (short, 0))
+    kept = attention_mask.shape[1] - config.replaced_entries
+    appended = attention_mask.new_ones(attention_mask.shape[0], config.added_entries)
+    replacing = attention_mask[:, kept:]
+    latents = [appended, replacing] if config.appended_first else [replacing, appended]
+    return torch.cat([attention_mask[:, :kept], *latents], dim=1)
+
+
 def within_group_allowed(group_size: int, *, causal: bool = True, sliding_window: int | None = None,
-                         device: torch.device | None = None, padded: torch.Tensor | None = None) -> torch.Tensor:
+                         device: torch.device | None = None, padded: torch.Tensor | None = None,
+                         padded_from: int = 0) -> torch.Tensor:
     """Boolean [group_size, group_size]: may member q of a group attend to member k of the same group?
 
     With `padded` ([B, P], `padded_latents`) it is [B, P, group_size, group_size]: a group's first `padded`
-    members are hidden from the others (each still sees itself, so that no row is blocked everywhere).
+    members from member `padded_from` on (the first that replaces a token: N - R under ``appended_at="window"``,
+    else 0) are hidden from the others (each still sees itself, so that no row is blocked everywhere).
     """
     member = torch.arange(group_size, device=device)
     allowed = torch.ones(group_size, group_size, dtype=torch.bool, device=device)
@@ -155,8 +181,8 @@ def within_group_allowed(group_size: int, *, causal: bool = True, sliding_window
     if sliding_window is not None:
         allowed = allowed & (member[:, None] - member[None, :] < sliding_window)
     if padded is not None:
-        visible = member >= padded[:, :, None]  # [B, P, G]: the keys other members may see
-        allowed = allowed & (visible[:, :, None, :] | (member[:, None] == member[None, :]))
+        hidden = (member >= padded_from) & (member < padded_from + padded[:, :, None])  # [B, P, G]
+        allowed = allowed & (~hidden[:, :, None, :] | (member[:, None] == member[None, :]))
     return allowed
 
 
@@ -169,6 +195,7 @@ def group_attention_allowed(
     causal_within_group: bool = True,
     sliding_window: int | None = None,
     replaced: int = 0,
+    padded_from: int = 0,
 ) -> torch.Tensor:
     """Boolean [B, Q, T + Q] where Q = P * group_size: may query q attend to key k?
 
@@ -180,7 +207,8 @@ def group_attention_allowed(
     to_prefix = prefix_allowed(prefix_valid, prefix_positions, insert_at, group_size, sliding_window,
                                replaced).flatten(1, 2)
     block = within_group_allowed(group_size, causal=causal_within_group, sliding_window=sliding_window,
-                                 device=insert_at.device, padded=padded_latents(prefix_valid, insert_at, replaced))
+                                 device=insert_at.device, padded=padded_latents(prefix_valid, insert_at, replaced),
+                                 padded_from=padded_from)
     block = block.expand(batch, num_groups, group_size, group_size)  # [B, P, G, G]
     same_group = torch.eye(num_groups, dtype=torch.bool, device=insert_at.device)[:, None, :, None]  # [P, 1, P, 1]
     to_group = (block[:, :, :, None, :] & same_group).reshape(batch, num_groups * group_size, -1)
@@ -221,6 +249,7 @@ def group_attention_mask(
     *,
     causal_within_group: bool = True,
     replaced: int = 0,
+    padded_from: int = 0,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The mask argument a transformers model takes for P groups laid after a cached prefix (whose last
     `replaced` tokens before each group's t the group replaces, `prefix_allowed`)."""
@@ -229,7 +258,7 @@ def group_attention_mask(
         kind: to_additive(
             group_attention_allowed(prefix_valid, prefix_positions, insert_at, group_size,
                                     causal_within_group=causal_within_group, sliding_window=window,
-                                    replaced=replaced),
+                                    replaced=replaced, padded_from=padded_from),
             dtype,
         )
         for kind, window in kinds.items()

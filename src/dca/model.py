@@ -34,7 +34,7 @@ from dca.config import CoprocessorConfig
 from dca.coprocessor import Coprocessor
 from dca.generation import check_own_arguments, generate_arguments
 from dca.inputs import check_batch, check_context, check_delays, check_positions, position_limit
-from dca.masks import group_attention_mask, latent_group_position_ids, prefix_position_ids
+from dca.masks import group_attention_mask, latent_cache_mask, latent_group_position_ids, prefix_position_ids
 from dca.outputs import AugmentOutput, TrainingLoss
 from dca.recompute import recomputed_layers
 
@@ -222,19 +222,23 @@ class AugmentedLM(nn.Module):
         """(attention mask, position ids, keyword arguments) of a pass over P groups of `group_size` that start with
         the N latents (or soft tokens), each replacing
         the cache entries of the last `replaced` tokens up to its insertion point (`dca.masks.prefix_allowed`)."""
-        position_ids = latent_group_position_ids(self.coprocessor.config, prefix_pos, positions, group_size)
+        config = self.coprocessor.config
+        position_ids = latent_group_position_ids(config, prefix_pos, positions, group_size)
+        # the latents that replace a short prompt's padding are the first of the R: after the N - R when they lead
+        padded_from = config.added_entries if replaced and config.appended_first else 0
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
             # a token 4D placeholder (any 4D tensor), so that transformers builds none (grouped and flex attention
             # ignore it); training_loss's cache comes from a pass without gradients: the prefix needs none
             placeholder = attention_mask[:, None, None]
             layout = FlexLayout if attention == "flex" else GroupLayout  # flex's also keeps its block masks
             return placeholder, position_ids, {"dca_groups": layout(attention_mask, prefix_pos, positions, group_size,
-                                                                    causal, prefix_grad=False, replaced=replaced)}
+                                                                    causal, prefix_grad=False, replaced=replaced,
+                                                                    padded_from=padded_from)}
         device = attention_mask.device.type
         # under autocast, attention runs in the autocast dtype: SDPA kernels want the mask in it too
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.decoder.dtype
         mask = group_attention_mask(self.decoder.config, attention_mask, prefix_pos, positions, group_size,
-                                    dtype, causal_within_group=causal, replaced=replaced)
+                                    dtype, causal_within_group=causal, replaced=replaced, padded_from=padded_from)
         return mask, position_ids, {}
 
     def _latent_anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -246,13 +250,14 @@ class AugmentedLM(nn.Module):
             return None
         # "overwrite" with R < N: the R latents in place of x[t-R+1 .. t] replay them; the appended ones get zeros
         replayed = config.replaced_entries or n
+        appended = (n - replayed, 0) if config.appended_first else (0, n - replayed)
         offsets = torch.arange(1 - replayed, 1, device=input_ids.device)  # x[t-R+1 .. t]
         first_real = (attention_mask.cumsum(1) == 0).sum(1)[:, None, None]  # never reach into left padding
         index = torch.maximum(positions[:, :, None] + offsets, first_real)
         anchor = self._embed(input_ids.gather(1, index.flatten(1))).view(*index.shape, -1)
         if kind == "last_token":
             anchor = anchor * (offsets == 0)[:, None].to(anchor.dtype)
-        return F.pad(anchor, (0, 0, 0, n - replayed)).flatten(1, 2)
+        return F.pad(anchor, (0, 0, *appended)).flatten(1, 2)
 
     # ------------------------------------------------------------------ inference: once, at the prompt's end
     @torch.no_grad()
@@ -306,7 +311,7 @@ class AugmentedLM(nn.Module):
         latent_pos = latent_group_position_ids(coprocessor.config, prefix_pos, last, n)
         next_pos = prefix_pos[:, -1:] + 1 + coprocessor.config.positions_taken
         # the latents replace the last `replaced` entries and take their mask (0 where they replace padding)
-        extended_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, added)], dim=1)
+        extended_mask = latent_cache_mask(coprocessor.config, attention_mask)
         check_context(self.decoder.config, "augment: the prompt and its latents",
                        int(latent_pos.max().clamp(min=prefix_pos.max())),
                        int(attention_mask.sum(1).max()) + added)

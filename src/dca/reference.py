@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from dca.masks import latent_group_position_ids
+from dca.masks import latent_cache_mask, latent_group_position_ids
 from dca.model import AugmentedLM
 
 
@@ -50,19 +50,18 @@ def sequential_group_losses(model: AugmentedLM, input_ids: torch.Tensor, t: int,
 def insert_latents(model: AugmentedLM, text: torch.Tensor, latents: torch.Tensor) -> SimpleNamespace:
     """Read the unpadded row `text` [1, S] plainly, then write `latents` after its last token, laid out as
     `augment` lays out latents computed at that token: what a late insertion is defined to be. Under "overwrite"
-    the (first R) latents replace the entries of the last R tokens of `text`: only x[0..s-R] is read first, and
-    with fewer than R tokens the first R - `len(text)` latents, which would replace nothing, are not written."""
+    the R latents that replace tokens take the entries of the last R tokens of `text`: only x[0..s-R] is read
+    first, and with fewer than R tokens the first R - `len(text)` of them, which would replace nothing, are masked
+    (as `augment` masks those over its left padding)."""
     config = model.coprocessor.config
     n, length, kept = config.num_latents, text.shape[1], config.kept_entries(text.shape[1])
-    padding = max(config.replaced_entries - length, 0)  # latents that would replace tokens before the first
-    latents = latents[:, padding:]
     cache = DynamicCache()
     if kept:
         model.decoder(input_ids=text[:, :kept], past_key_values=cache, use_cache=True)
     prefix_pos = torch.arange(length, device=text.device)[None]
     last = torch.tensor([[length - 1]], device=text.device)
-    latent_pos = latent_group_position_ids(config, prefix_pos, last, n)[:, padding:]
-    mask = torch.ones(1, kept + latents.shape[1], dtype=torch.long, device=text.device)
+    latent_pos = latent_group_position_ids(config, prefix_pos, last, n)
+    mask = latent_cache_mask(config, torch.ones_like(text))  # latents over augment's padding of a short text: 0
     out = model.decoder(inputs_embeds=latents, attention_mask=mask, position_ids=latent_pos, past_key_values=cache,
                         use_cache=True)
     next_pos = torch.tensor([[length + config.positions_taken]], device=text.device)
@@ -93,4 +92,5 @@ def _anchor(model: AugmentedLM, row: torch.Tensor) -> torch.Tensor:
     replay = torch.stack([embeds[max(length - replayed + i, 0)] for i in range(replayed)])[None]
     if config.latent_anchor == "last_token":
         replay = torch.cat([torch.zeros_like(replay[:, :-1]), replay[:, -1:]], dim=1)
-    return torch.cat([replay, replay.new_zeros(1, n - replayed, replay.shape[-1])], dim=1)
+    appended = replay.new_zeros(1, n - replayed, replay.shape[-1])
+    return torch.cat([appended, replay] if config.appended_first else [replay, appended], dim=1)

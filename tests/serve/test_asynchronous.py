@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import FAMILIES, VOCAB, tiny_decoder
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -29,13 +30,13 @@ def sequential_reference(model, prompt, delay, new=NEW):
     on."""
     text = model.decoder.generate(prompt, max_new_tokens=delay, do_sample=False) if delay else prompt
     out = insert_latents(model, text, move_anchor(model, model.augment(prompt).latents, prompt, text))
-    cache, logits, position = out.past_key_values, out.logits, int(out.next_position_ids)
+    cache, logits, position, mask = out.past_key_values, out.logits, int(out.next_position_ids), out.attention_mask
     tokens = text[0].tolist()
     for _ in range(new - delay):
         tokens.append(int(logits.argmax(-1)))
+        mask = F.pad(mask, (0, 1), value=1)  # (latents over a short prompt's padding stay masked)
         logits = model.decoder(torch.tensor([tokens[-1:]]), past_key_values=cache,
-                               position_ids=torch.tensor([[position]]),
-                               attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)).logits[:, -1]
+                               position_ids=torch.tensor([[position]]), attention_mask=mask).logits[:, -1]
         position += 1
     return torch.tensor([tokens])
 
@@ -72,9 +73,10 @@ def test_overwrite_on_a_prompt_shorter_than_n(family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("prompt_len", [1, 8])
-def test_overwrite_with_appended_latents(family, prompt_len):
-    """R = 2 of N = 3 latents replace x[s-1 .. s], the third follows them (one prompt shorter than R)."""
-    model = make_model(family, latent_positions="overwrite", num_overwritten=2, gate_init=2.0)
+@pytest.mark.parametrize("appended_at", ["point", "window"])
+def test_overwrite_with_appended_latents(family, prompt_len, appended_at):
+    """R = 2 of N = 3 latents replace x[s-1 .. s], the third follows (or precedes) them (one prompt shorter than R)."""
+    model = make_model(family, latent_positions="overwrite", num_overwritten=2, gate_init=2.0, appended_at=appended_at)
     prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(7))
     for delay in (0, 1, 3):
         result = generate_async(model, prompt, latent_delay=delay, max_new_tokens=NEW, do_sample=False)

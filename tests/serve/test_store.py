@@ -80,13 +80,14 @@ def test_a_stored_context_gives_the_tokens_of_augmenting_the_document_then_feedi
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 @pytest.mark.parametrize("rest_len", [0, 4])
-def test_a_document_shorter_than_n_is_stored_with_one_latent_per_token(tmp_path, family, rest_len):
-    # "overwrite" pads it to N and masks the latents over padding; the stored cache holds only its own entries
+def test_a_document_shorter_than_n_is_stored_with_its_padded_latents_masked(tmp_path, family, rest_len):
+    # "overwrite" pads it to N and masks the latents over padding; they are stored and served masked, as augment has
+    # them (a sliding window counts them)
     model = make_model(family, latent_positions="overwrite", num_latents=5)
     doc, prompt = doc_and_prompt(doc_len=3, rest_len=rest_len)
     store = ContextStore(tmp_path)
     stored = store.put(model, doc)
-    assert stored.latents.shape[1] == 3 and store.load(model, doc).past_key_values.get_seq_length() == 3
+    assert stored.latents.shape[1] == 5 and store.load(model, doc).past_key_values.get_seq_length() == 5
     expected, logits = reference_tokens(model, doc, prompt, with_logits=True)
     out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, store=store,
                          output_logits=True, return_dict_in_generate=True)
@@ -96,12 +97,14 @@ def test_a_document_shorter_than_n_is_stored_with_one_latent_per_token(tmp_path,
 
 
 @pytest.mark.parametrize("doc_len", [1, 8])
-def test_overwrite_with_appended_latents_is_stored_and_served(tmp_path, doc_len):
-    # R = 2 of N = 3 latents replace the document's last tokens, the third follows; a 1-token document keeps 2
-    model = make_model("llama", latent_positions="overwrite", num_overwritten=2)
+@pytest.mark.parametrize("appended_at", ["point", "window"])
+def test_overwrite_with_appended_latents_is_stored_and_served(tmp_path, doc_len, appended_at):
+    # R = 2 of N = 3 latents replace the document's last tokens, the third follows (or precedes them); a 1-token
+    # document keeps all 3, the one over augment's padding masked
+    model = make_model("llama", latent_positions="overwrite", num_overwritten=2, appended_at=appended_at)
     doc, prompt = doc_and_prompt(doc_len=doc_len, rest_len=4)
     store = ContextStore(tmp_path)
-    assert store.put(model, doc).latents.shape[1] == (2 if doc_len == 1 else 3)
+    assert store.put(model, doc).latents.shape[1] == 3
     expected, logits = reference_tokens(model, doc, prompt, with_logits=True)
     out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, store=store,
                          output_logits=True, return_dict_in_generate=True)

@@ -57,7 +57,8 @@ def group_mask_mod(layout: GroupLayout, sliding_window: int | None = None) -> Ca
         if causal:
             to_group = to_group & (k % size <= member)
         if padded is not None:
-            to_group = to_group & ((k % size >= padded[b, group]) | (k % size == member))
+            hidden = (k % size >= layout.padded_from) & (k % size < layout.padded_from + padded[b, group])
+            to_group = to_group & (~hidden | (k % size == member))
         if sliding_window is not None:  # windows count cache slots (dca.masks)
             to_prefix = to_prefix & (slots[b, q] - positions[b, kv] < sliding_window)
             to_group = to_group & (member - k % size < sliding_window)

@@ -47,6 +47,7 @@ class GroupLayout:
     # get none, which spares two of the backward pass's five matrix products over the prefix
     prefix_grad: bool = True
     replaced: int = 0  # "overwrite": each group replaces the cache entries of the last this-many tokens up to t
+    padded_from: int = 0  # the first member that replaces a token (N - R under appended_at="window")
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: computed once per pass
 
     def padded_latents(self) -> torch.Tensor | None:
@@ -60,7 +61,8 @@ class GroupLayout:
             to_prefix = prefix_allowed(self.prefix_valid, self.prefix_positions, self.insert_at, self.group_size,
                                        sliding_window, self.replaced)
             to_group = within_group_allowed(self.group_size, causal=self.causal, sliding_window=sliding_window,
-                                            device=self.insert_at.device, padded=self.padded_latents())
+                                            device=self.insert_at.device, padded=self.padded_latents(),
+                                            padded_from=self.padded_from)
             if to_group.dim() == 4:  # per group ([B, P, G, G]): shaped like the prefix's
                 to_group = to_group[:, None, None]
             self._masks[sliding_window] = (~to_prefix[:, None, None], ~to_group)

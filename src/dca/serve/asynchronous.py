@@ -39,13 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import GenerationMode
 
 from dca.cache import fork_cache
 from dca.generation import check_own_arguments
-from dca.masks import latent_group_position_ids, prefix_position_ids
+from dca.masks import latent_cache_mask, latent_group_position_ids, prefix_position_ids
 
 ASYNC = "async"  # AugmentedLM.generate(augment=ASYNC)
 # what the loop itself honours beside the GenerationConfig's fields
@@ -202,10 +201,9 @@ def generate_async(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                 kept = coprocessor.config.kept_entries(text_mask.shape[1])
                 if mask.shape[1] > kept:
                     cache.crop(kept - mask.shape[1])  # transformers' crop takes the number of entries to drop
-                # with fewer than R tokens, the latents that would replace none are masked (as augment does); those
-                # appended after them (R < N) are seen
-                mask = torch.cat([mask[:, :kept], F.pad(text_mask, (max(replaced - text_mask.shape[1], 0), 0))
-                                  [:, -replaced:], mask.new_ones(batch, n - replaced)], dim=1)
+                # with fewer than R tokens, the latents that would replace none are masked (as augment does); the
+                # appended ones (R < N) are seen
+                mask = latent_cache_mask(coprocessor.config, text_mask)
                 pending = None
             else:
                 if pending is not None:

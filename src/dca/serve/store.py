@@ -35,6 +35,7 @@ from dca.atomic import recover, save_directory
 from dca.errors import DCAError
 from dca.generation import check_own_arguments, generate_arguments
 from dca.inputs import check_batch, check_context
+from dca.masks import latent_cache_mask
 from dca.model import AugmentedLM
 
 FORMAT_VERSION = 1
@@ -128,11 +129,7 @@ class ContextStore:
         identity = model_identity(model)  # (which refuses a model without a coprocessor)
         out = model.augment(tokens[None].to(model.device))
         cache, latents, latent_pos = out.past_key_values, out.latents, out.latent_position_ids
-        padded = model.coprocessor.config.replaced_entries - tokens.numel()
-        if padded > 0:  # "overwrite" left-padded a short document and masked the latents over padding: drop them
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[..., padded:, :], layer.values[..., padded:, :]
-            latents, latent_pos = latents[:, padded:], latent_pos[:, padded:]
+        # a document shorter than R ("overwrite") keeps its N latents, those over augment's padding masked when served
         context = StoredContext(tokens, cache, latents, out.logits, latent_pos, out.next_position_ids)
         context.path = self._write(identity, context, model)
         return context
@@ -184,6 +181,9 @@ class ContextStore:
             raise StoreError(f"{path} holds another document's tokens: refusing to serve it")
         tensors = read_tensors(path / TENSORS_NAME, meta["tensors_sha256"], ENTRY_NAME, StoreError)
         n, layers = meta["num_latents"], meta["num_layers"]
+        latents_written = model.coprocessor.config.num_latents  # all N: entries with fewer came from an older dca
+        if n != latents_written:
+            raise StoreError(f"{path} holds {n} latents, this coprocessor writes {latents_written}")
         expected = ({"latents", "logits", "latent_position_ids", "next_position_ids"}
                     | {f"{kind}.{i}" for kind in ("keys", "values") for i in range(layers)})
         entries = model.coprocessor.config.kept_entries(tokens.numel()) + n  # "overwrite": the last N replaced
@@ -283,7 +283,9 @@ def generate_with_store(model: AugmentedLM, store: str | Path | ContextStore, in
     # what the cache lacks (the rest, or the last latent)
     position_ids = torch.cat([torch.arange(kept, device=input_ids.device)[None], context.latent_position_ids,
                               next_pos], dim=1)
-    mask = attention_mask.new_ones(1, embeds.shape[1])
+    # augment's mask over document and latents (0 on latents over a short document's padding), then the rest
+    mask = torch.cat([latent_cache_mask(model.coprocessor.config, attention_mask[:, :length]),
+                      attention_mask[:, length:]], dim=1)
     return model.decoder.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask,
                                   position_ids=position_ids, past_key_values=cache,
                                   generation_config=call.generation_config, **call.kwargs)
