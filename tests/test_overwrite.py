@@ -180,7 +180,7 @@ def test_appended_latents_are_counted_saved_and_validated():
         CoprocessorConfig(latent_positions="after", num_overwritten=2)
     window = CoprocessorConfig(num_latents=5, num_overwritten=2, appended_at="window")
     assert CoprocessorConfig.from_dict(window.to_dict()) == window and window.appended_first
-    assert (window.added_entries, window.positions_taken, window.first_position) == (3, 3, 1)
+    assert (window.added_entries, window.positions_taken, window.first_position) == (3, 3, 2)  # t >= R: see x[0]
     assert "appended_at" not in config.to_dict() and not config.appended_first  # "point", the legacy value
     for unplaced in ({"num_latents": 5}, {"num_latents": 5, "num_overwritten": 5}, {"latent_positions": "after"}):
         with pytest.raises(ArgumentError, match="^appended_at applies to latent_positions='overwrite' with "):

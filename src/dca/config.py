@@ -251,8 +251,10 @@ class CoprocessorConfig:
     def first_position(self) -> int:
         """The earliest insertion point training samples and evaluation scores by default: R-1 under "overwrite"
         (where every replacing latent replaces a real token; earlier points work, and read only the last t+1 of
-        them), else 0."""
-        return max(self.replaced_entries - 1, 0)
+        them), R with the appended latents first (where they read at least x[0]: at t = R-1 they would read only each
+        other, zeros at init, whose hidden states stay zero in every layer and whose gradients, through one RMS norm
+        after another, overflow), else 0."""
+        return max(self.replaced_entries - 1, 0) + self.appended_first
 
     def to_dict(self) -> dict[str, Any]:
         return drop_legacy(self, dataclasses.asdict(self))
