@@ -25,7 +25,10 @@ Positions follow the inference convention of `CoprocessorConfig.latent_positions
   with r < N real tokens up to it, the first N - r latents replace nothing and are hidden like padding
   (`padded_latents`), as `augment` pads a short prompt to N. With `num_overwritten` = R < N only the first R
   latents replace x[t-R+1 .. t] (`replaced` = R); the other N - R follow at pos(t) + 1 .. pos(t) + N - R, in
-  cache slots after them, and the text resumes at pos(t) + N - R + 1.
+  cache slots after them, and the text resumes at pos(t) + N - R + 1. With ``appended_at="window"`` the N - R
+  come first (at the R's first N - R positions, in the first cache slots of the group), the R follow N - R
+  positions on, and the latents over a short row's padding are the first of the R, not of the group
+  (`within_group_allowed`'s `padded_from`).
 
 Under "shared" and "replay" the latents take cache slots but no positions. Sliding windows are laid
 over cache slots, not position ids, because that is what the decoder's own masks do at inference
