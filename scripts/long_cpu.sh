@@ -242,4 +242,18 @@ for data in wiki owt; do
     "$more/$data/eval.json:overwrite-n16=overwrite" "$more/$data/eval.json:pause-n16=pause" \
     > "$more/paired-joint-$data.md"
 done
+# session 13: the same, with the appended entries before the rewritten window (--appended-at window), 300 steps;
+# scored alone on the session-12 points and paired against the stored per-sequence losses of that table
+RUNS=$RUNS_300-joint STEPS=300 run plus16-before-overwrite16 --num-latents 32 --num-overwritten 16 --appended-at window \
+  --lora-rank 16 --latent-positions overwrite >> "$RUNS_300-joint/plus16-before-overwrite16.log" 2>&1
+for split in wiki:0.05 owt:0.9; do
+  data=${split%:*}
+  window=$REPORT/budget-300-window/$data
+  [[ -f $window/eval.json ]] || $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" \
+    --no-untrained --coprocessors "$RUNS_300-joint/plus16-before-overwrite16/adapter" --sequences 128 --positions 8 \
+    --min-position 15 --batch-size 16 --out "$window" > "$RUNS_300-joint/eval-window-$data.log" 2>&1
+  joint=$REPORT/budget-300-joint/$data/eval.json
+  .venv/bin/python scripts/paired.py "$window/eval.json:plus16-before-overwrite16=window" \
+    "$joint:overwrite16-plus16=point" "$joint:overwrite-n16=overwrite" "$joint:pause-n16=pause" > "$window/paired.md"
+done
 echo "== long-cpu done ($(date -u +%H:%M))"

@@ -7,9 +7,10 @@ import warnings
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_decoder
+from transformers import DynamicCache
 
 from dca import AugmentedLM, CoprocessorConfig
-from dca.serve.store import ENTRY_NAME, TENSORS_NAME, ContextStore, StoreError, model_identity
+from dca.serve.store import ENTRY_NAME, TENSORS_NAME, ContextStore, StoredContext, StoreError, model_identity
 
 NEW = 6
 
@@ -94,6 +95,26 @@ def test_a_document_shorter_than_n_is_stored_with_its_padded_latents_masked(tmp_
     assert torch.equal(out.sequences[:, prompt.shape[1]:], expected)
     torch.testing.assert_close(torch.stack(out.logits, 1), logits, rtol=1e-5, atol=1e-5)
     assert store.stats["hits"] == 1
+
+
+def test_an_entry_that_dropped_its_padded_latents_is_recomputed(tmp_path):
+    # what dca wrote for a document shorter than N before session 13: only its own 3 of N = 5 latents, checksummed
+    model = make_model("llama", latent_positions="overwrite", num_latents=5)
+    doc, prompt = doc_and_prompt(doc_len=3, rest_len=4)
+    store = ContextStore(tmp_path)
+    full = store.put(model, doc)
+    cache = DynamicCache()
+    for i, layer in enumerate(full.past_key_values.layers):
+        cache.update(layer.keys[..., 2:, :], layer.values[..., 2:, :], i)
+    old = StoredContext(full.tokens, cache, full.latents[:, 2:], full.logits, full.latent_position_ids[:, 2:],
+                        full.next_position_ids)
+    store._write(model_identity(model), old, model)
+    with pytest.raises(StoreError, match="holds 3 latents, this coprocessor writes 5"):
+        store.load(model, doc)
+    with pytest.warns(UserWarning, match="not served"):
+        tokens = generated(model, prompt, store)
+    assert torch.equal(tokens, reference_tokens(model, doc, prompt)) and store.stats["recomputed"] == 1
+    assert store.load(model, doc).latents.shape[1] == 5
 
 
 @pytest.mark.parametrize("doc_len", [1, 8])
