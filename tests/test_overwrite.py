@@ -182,6 +182,10 @@ def test_appended_latents_are_counted_saved_and_validated():
     assert CoprocessorConfig.from_dict(window.to_dict()) == window and window.appended_first
     assert (window.added_entries, window.positions_taken, window.first_position) == (3, 3, 2)  # t >= R: see x[0]
     assert "appended_at" not in config.to_dict() and not config.appended_first  # "point", the legacy value
+    assert (config.anchored_latents, config.appended_latents) == (slice(0, 2), slice(2, 5))
+    assert (window.anchored_latents, window.appended_latents) == (slice(3, 5), slice(0, 3))
+    whole = CoprocessorConfig(num_latents=5)
+    assert (whole.anchored_latents, whole.appended_latents) == (slice(0, 5), slice(5, 5))
     for unplaced in ({"num_latents": 5}, {"num_latents": 5, "num_overwritten": 5}, {"latent_positions": "after"}):
         with pytest.raises(ArgumentError, match="^appended_at applies to latent_positions='overwrite' with "):
             CoprocessorConfig(appended_at="window", **unplaced)

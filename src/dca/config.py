@@ -238,6 +238,19 @@ class CoprocessorConfig:
         return self.appended_at == "window"
 
     @property
+    def anchored_latents(self) -> slice:
+        """Which of a group's N latents (in cache order) stand for prompt tokens -- replay their embeddings
+        (`latent_anchor`) and, under "overwrite", replace them: all N, or the R of `num_overwritten`."""
+        replacing = self.replaced_entries or self.num_latents
+        return slice(self.num_latents - replacing, self.num_latents) if self.appended_first else slice(0, replacing)
+
+    @property
+    def appended_latents(self) -> slice:
+        """The others: the N - R that "overwrite" with `num_overwritten` appends (each with a trainable offset)."""
+        anchored = self.anchored_latents
+        return slice(0, anchored.start) if anchored.start else slice(anchored.stop, self.num_latents)
+
+    @property
     def added_entries(self) -> int:
         """Cache entries one augmentation adds: N, less those it replaces (none under "overwrite" with R = N)."""
         return self.num_latents - self.replaced_entries

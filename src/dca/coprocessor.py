@@ -234,7 +234,6 @@ class Coprocessor(nn.Module):
                 latents = latents * self.latent_gain
         if self.appended_offset is None:
             return latents
-        replacing = self.config.replaced_entries  # [N, H]: zeros on the R, before or after the appended ones
-        zeros = (0, replacing) if self.config.appended_first else (replacing, 0)
-        offset = F.pad(self.appended_offset, (0, 0, *zeros))
+        appended = self.config.appended_latents  # [N, H]: zeros on the R anchored latents
+        offset = F.pad(self.appended_offset, (0, 0, appended.start, self.config.num_latents - appended.stop))
         return (latents.unflatten(1, (-1, self.config.num_latents)) + offset.to(latents.dtype)).flatten(1, 2)

@@ -162,10 +162,10 @@ def latent_cache_mask(config: CoprocessorConfig, attention_mask: torch.Tensor) -
     if short > 0:
         attention_mask = F.pad(attention_mask, (short, 0))
     kept = attention_mask.shape[1] - config.replaced_entries
-    appended = attention_mask.new_ones(attention_mask.shape[0], config.added_entries)
-    replacing = attention_mask[:, kept:]
-    latents = [appended, replacing] if config.appended_first else [replacing, appended]
-    return torch.cat([attention_mask[:, :kept], *latents], dim=1)
+    latents = attention_mask.new_ones(attention_mask.shape[0], config.num_latents)
+    if config.replaced_entries:
+        latents[:, config.anchored_latents] = attention_mask[:, kept:]
+    return torch.cat([attention_mask[:, :kept], latents], dim=1)
 
 
 def within_group_allowed(group_size: int, *, causal: bool = True, sliding_window: int | None = None,

@@ -224,8 +224,7 @@ class AugmentedLM(nn.Module):
         the cache entries of the last `replaced` tokens up to its insertion point (`dca.masks.prefix_allowed`)."""
         config = self.coprocessor.config
         position_ids = latent_group_position_ids(config, prefix_pos, positions, group_size)
-        # the latents that replace a short prompt's padding are the first of the R: after the N - R when they lead
-        padded_from = config.added_entries if replaced and config.appended_first else 0
+        padded_from = config.anchored_latents.start  # the latents over a short prompt's padding: the first of the R
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
             # a token 4D placeholder (any 4D tensor), so that transformers builds none (grouped and flex attention
             # ignore it); training_loss's cache comes from a pass without gradients: the prefix needs none
@@ -249,15 +248,15 @@ class AugmentedLM(nn.Module):
         if kind == "none" or self.coprocessor.body is None:
             return None
         # "overwrite" with R < N: the R latents in place of x[t-R+1 .. t] replay them; the appended ones get zeros
-        replayed = config.replaced_entries or n
-        appended = (n - replayed, 0) if config.appended_first else (0, n - replayed)
+        anchored = config.anchored_latents
+        replayed = anchored.stop - anchored.start
         offsets = torch.arange(1 - replayed, 1, device=input_ids.device)  # x[t-R+1 .. t]
         first_real = (attention_mask.cumsum(1) == 0).sum(1)[:, None, None]  # never reach into left padding
         index = torch.maximum(positions[:, :, None] + offsets, first_real)
         anchor = self._embed(input_ids.gather(1, index.flatten(1))).view(*index.shape, -1)
         if kind == "last_token":
             anchor = anchor * (offsets == 0)[:, None].to(anchor.dtype)
-        return F.pad(anchor, (0, 0, *appended)).flatten(1, 2)
+        return F.pad(anchor, (0, 0, anchored.start, n - anchored.stop)).flatten(1, 2)
 
     # ------------------------------------------------------------------ inference: once, at the prompt's end
     @torch.no_grad()

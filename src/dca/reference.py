@@ -87,10 +87,10 @@ def move_anchor(model: AugmentedLM, latents: torch.Tensor, prompt: torch.Tensor,
 def _anchor(model: AugmentedLM, row: torch.Tensor) -> torch.Tensor:
     config, length = model.coprocessor.config, row.shape[1]
     n = config.num_latents
-    replayed = config.replaced_entries or n  # "overwrite" with R < N: the appended latents have no anchor
+    anchored = config.anchored_latents  # "overwrite" with R < N: the appended latents have no anchor
+    replayed = anchored.stop - anchored.start
     embeds = model.decoder.get_input_embeddings()(row[0])
     replay = torch.stack([embeds[max(length - replayed + i, 0)] for i in range(replayed)])[None]
     if config.latent_anchor == "last_token":
         replay = torch.cat([torch.zeros_like(replay[:, :-1]), replay[:, -1:]], dim=1)
-    appended = replay.new_zeros(1, n - replayed, replay.shape[-1])
-    return torch.cat([appended, replay] if config.appended_first else [replay, appended], dim=1)
+    return F.pad(replay, (0, 0, anchored.start, n - anchored.stop))
