@@ -256,4 +256,29 @@ for split in wiki:0.05 owt:0.9; do
   .venv/bin/python scripts/paired.py "$window/eval.json:plus16-before-overwrite16=window" \
     "$joint:overwrite16-plus16=point" "$joint:overwrite-n16=overwrite" "$joint:pause-n16=pause" > "$window/paired.md"
 done
+# ... a second seed of it (another data order and LoRA initialisation), scored and paired the same way
+mkdir -p "$RUNS_300-joint-seed1"
+[[ -f $RUNS_300-joint-seed1/plus16-before-overwrite16/adapter/dca_config.json ]] || $DCA train \
+  --config "$RUNS_300-joint/plus16-before-overwrite16/args.json" --seed 1 \
+  --out "$RUNS_300-joint-seed1/plus16-before-overwrite16" >> "$RUNS_300-joint-seed1/plus16-before-overwrite16.log" 2>&1
+for split in wiki:0.05 owt:0.9; do
+  data=${split%:*}
+  window=$REPORT/budget-300-window/seed1-$data
+  [[ -f $window/eval.json ]] || $DCA eval --model smollm2-135m --data "$data" --held-out-fraction "${split#*:}" \
+    --no-untrained --coprocessors "$RUNS_300-joint-seed1/plus16-before-overwrite16/adapter" --sequences 128 \
+    --positions 8 --min-position 15 --batch-size 16 --out "$window" > "$RUNS_300-joint-seed1/eval-$data.log" 2>&1
+  joint=$REPORT/budget-300-joint/$data/eval.json
+  .venv/bin/python scripts/paired.py "$window/eval.json:plus16-before-overwrite16=window-seed1" \
+    "$REPORT/budget-300-window/$data/eval.json:plus16-before-overwrite16=window-seed0" \
+    "$joint:overwrite-n16=overwrite" "$joint:pause-n16=pause" > "$window/paired.md"
+done
+# ... and at the 1200-step budget, scored on the more-sequences points and paired against that budget's runs
+RUNS=$RUNS_JOINT run plus16-before-overwrite16 --num-latents 32 --num-overwritten 16 --appended-at window \
+  --lora-rank 16 --latent-positions overwrite >> "$RUNS_JOINT/plus16-before-overwrite16.log" 2>&1
+score_more window "$RUNS_JOINT/plus16-before-overwrite16/adapter"
+for data in wiki owt; do
+  .venv/bin/python scripts/paired.py "$more/window-$data/eval.json:plus16-before-overwrite16=window" \
+    "$more/$data/eval.json:overwrite-n16=overwrite" "$more/$data/eval.json:pause-n16=pause" \
+    > "$more/paired-window-$data.md"
+done
 echo "== long-cpu done ($(date -u +%H:%M))"
