@@ -15,27 +15,30 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def random_layout(seed: int, batch=3, length=13, groups=4, size=5, causal=True, replaced=0) -> FlexLayout:
+def random_layout(seed: int, batch=3, length=13, groups=4, size=5, causal=True, replaced=0,
+                  padded_from=0) -> FlexLayout:
     """Padding on either side, insertion points anywhere (including in padding and repeated, as delays give)."""
     generator = torch.Generator().manual_seed(seed)
     valid = torch.ones(batch, length, dtype=torch.long)
     valid[1, : int(torch.randint(1, 5, (), generator=generator))] = 0  # left padding
     valid[2, length - int(torch.randint(1, 5, (), generator=generator)):] = 0  # right padding
     insert_at = torch.randint(0, length, (batch, groups), generator=generator).sort(dim=1).values
-    return FlexLayout(valid, prefix_position_ids(valid), insert_at, size, causal, replaced=replaced)
+    return FlexLayout(valid, prefix_position_ids(valid), insert_at, size, causal, replaced=replaced,
+                      padded_from=padded_from)
 
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 1, 3, 8])
-@pytest.mark.parametrize("replaced", [0, 2, 4])  # "overwrite" with N = 2, 4: points with fewer real tokens hide latents
-def test_the_mask_predicate_equals_the_dense_rule_at_every_query_and_key(seed, causal, window, replaced):
-    layout = random_layout(seed, causal=causal, replaced=replaced)
+# "overwrite" with N = 2, 4: points with fewer real tokens hide latents; (2, 1): R = 2 of N = 3, the appended one first
+@pytest.mark.parametrize(("replaced", "padded_from"), [(0, 0), (2, 0), (4, 0), (2, 1)])
+def test_the_mask_predicate_equals_the_dense_rule_at_every_query_and_key(seed, causal, window, replaced, padded_from):
+    layout = random_layout(seed, causal=causal, replaced=replaced, padded_from=padded_from)
     batch, groups = layout.insert_at.shape
     queries, keys = groups * layout.group_size, layout.prefix_valid.shape[1] + groups * layout.group_size
     expected = group_attention_allowed(layout.prefix_valid, layout.prefix_positions, layout.insert_at,
                                        layout.group_size, causal_within_group=causal, sliding_window=window,
-                                       replaced=replaced)
+                                       replaced=replaced, padded_from=padded_from)
     dense = create_mask(group_mask_mod(layout, window), batch, 1, queries, keys, device="cpu")[:, 0]
     assert torch.equal(dense, expected)
     # and the block mask a pass uses carries that predicate
