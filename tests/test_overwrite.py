@@ -189,6 +189,9 @@ def test_appended_latents_are_counted_saved_and_validated():
     for unplaced in ({"num_latents": 5}, {"num_latents": 5, "num_overwritten": 5}, {"latent_positions": "after"}):
         with pytest.raises(ArgumentError, match="^appended_at applies to latent_positions='overwrite' with "):
             CoprocessorConfig(appended_at="window", **unplaced)
+    with pytest.raises(ArgumentError, match="^min_position .*must be at least R = 2 with appended_at='window'"):
+        TrainArgs(seq_len=20, positions=4, min_position=1, coprocessor=window)
+    assert TrainArgs(seq_len=20, positions=4, min_position=1, coprocessor=config).first_position() == 1
     with pytest.raises(ArgumentError, match="^appended_at must be one of"):
         CoprocessorConfig(num_overwritten=2, appended_at="before")
 

@@ -148,6 +148,10 @@ class TrainArgs:
         if isinstance(self.coprocessor, dict):  # from args.json
             self.coprocessor = CoprocessorConfig.from_dict(self.coprocessor)
         first = self.first_position()
+        if self.coprocessor.appended_first and first < self.coprocessor.first_position:
+            raise ArgumentError("min_position", f"({first}) must be at least R = {self.coprocessor.replaced_entries} "
+                                "with appended_at='window': earlier, the appended latents read only each other, "
+                                "zeros at the start, and the gradient overflows")
         if self.positions > self.seq_len - 1 - first:
             raise ArgumentError("positions", f"({self.positions}) must be at most seq_len - 1 - {first} = "
                                 f"{self.seq_len - 1 - first}: points are sampled from t >= {first}")
