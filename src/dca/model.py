@@ -117,8 +117,9 @@ class AugmentedLM(nn.Module):
                 x[s+1 .. s+A]. None: no delay (bit-identical to all zeros).
 
         Under ``latent_positions="overwrite"`` each group's decoder pass sees x[0..s-R] and replaces x[s-R+1 .. s]
-        (R = `num_overwritten`, N by default; the other N - R latents follow them), while its soft tokens still read
-        x[0..t]; at a point with r < R real tokens up to s the first R - r latents are hidden
+        (R = `num_overwritten`, N by default; the other N - R latents follow them, or precede them under
+        `appended_at="window"`), while its soft tokens still read x[0..t]; at a point with r < R real tokens up to s
+        the first R - r of the R latents are hidden
         (`dca.masks.padded_latents`), as `augment` hides them after a prompt shorter than R.
 
         Raises:

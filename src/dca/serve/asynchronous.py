@@ -18,7 +18,8 @@ latents inserted after x[s]:
 * ``"replay"``: the positions of x[s-N+1 .. s] (generated tokens count), and the text resumes at pos(s)+1;
 * ``"overwrite"``: as "replay", in place of the cache entries of x[s-N+1 .. s] (generated tokens the decoder has
   already read lose their entries; x[s] never gets one), as `training_loss(delays=...)` scores it; with
-  ``num_overwritten`` = R < N only the first R replace x[s-R+1 .. s], the others follow at pos(s)+1 ...
+  ``num_overwritten`` = R < N only R replace x[s-R+1 .. s], the others follow at pos(s)+1 ... (or precede them,
+  ``appended_at="window"``)
 
 The coprocessor's output is that of time t (its soft tokens sat at t and read x[0..t]); the anchor it is added
 to (`latent_anchor`) is that of the insertion point, computed from the tokens generated so far: under
