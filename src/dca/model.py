@@ -225,7 +225,8 @@ class AugmentedLM(nn.Module):
         the cache entries of the last `replaced` tokens up to its insertion point (`dca.masks.prefix_allowed`)."""
         config = self.coprocessor.config
         position_ids = latent_group_position_ids(config, prefix_pos, positions, group_size)
-        padded_from = config.anchored_latents.start  # the latents over a short prompt's padding: the first of the R
+        # the latents over a short prompt's padding are the first of the R that replace tokens (none if none do)
+        padded_from = config.anchored_latents.start if replaced else 0
         if attention != "dense":  # the layout goes to the implementation through transformers' kwargs; the mask is
             # a token 4D placeholder (any 4D tensor), so that transformers builds none (grouped and flex attention
             # ignore it); training_loss's cache comes from a pass without gradients: the prefix needs none

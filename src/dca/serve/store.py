@@ -129,7 +129,8 @@ class ContextStore:
         identity = model_identity(model)  # (which refuses a model without a coprocessor)
         out = model.augment(tokens[None].to(model.device))
         cache, latents, latent_pos = out.past_key_values, out.latents, out.latent_position_ids
-        # a document shorter than R ("overwrite") keeps its N latents, those over augment's padding masked when served
+        # all N latents, also of a document shorter than R ("overwrite"): those over augment's padding are masked
+        # when served (`generate_with_store`), as after augment
         context = StoredContext(tokens, cache, latents, out.logits, latent_pos, out.next_position_ids)
         context.path = self._write(identity, context, model)
         return context
