@@ -115,7 +115,7 @@ for group in both paper; do  # overwrite and pause tokens, then the paper preset
 done
 for data in wiki owt; do  # the paper preset against the other two, on the same sequences and points (paired)
   more=$REPORT/budget-1200/more-sequences
-  .venv/bin/python scripts/paired.py "$more/$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
+  $DCA compare --columns "$more/$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
     "$more/paper-$data/eval.json:paper-n16" > "$more/paired-$data.md"
 done
 # by context length: overwrite and pause tokens at points t >= 100 of the 256-token sequences (past the training
@@ -152,9 +152,9 @@ RUNS=${RUNS}-seed1 run overwrite-n16 --lora-rank 16 --latent-positions overwrite
   >> "${RUNS}-seed1/overwrite-n16.log" 2>&1
 score_more seed1 "${RUNS}-seed1/overwrite-n16/adapter"
 for data in wiki owt; do
-  .venv/bin/python scripts/paired.py "$more/seed1-$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
+  $DCA compare --columns "$more/seed1-$data/eval.json:overwrite-n16" "$more/$data/eval.json:pause-n16" \
     > "$more/paired-seed1-$data.md"
-  .venv/bin/python scripts/paired.py "$more/$data/eval.json:overwrite-n16=seed-0" \
+  $DCA compare --columns "$more/$data/eval.json:overwrite-n16=seed-0" \
     "$more/seed1-$data/eval.json:overwrite-n16=seed-1" > "$more/paired-seeds-$data.md"
 done
 # session 9: full fine-tuning of the coprocessor (the paper's best training, its Table 5) at the same budget: the
@@ -164,7 +164,7 @@ RUNS=${RUNS}-full run overwrite-n16 --latent-positions overwrite --lr 1e-4 --sav
   >> "${RUNS}-full/overwrite-n16.log" 2>&1
 score_more full "${RUNS}-full/overwrite-n16/adapter"
 for data in wiki owt; do
-  .venv/bin/python scripts/paired.py "$more/full-$data/eval.json:overwrite-n16=full" "$more/$data/eval.json:pause-n16" \
+  $DCA compare --columns "$more/full-$data/eval.json:overwrite-n16=full" "$more/$data/eval.json:pause-n16" \
     "$more/$data/eval.json:overwrite-n16=lora" > "$more/paired-full-$data.md"
 done
 # session 10, side by side: the overwrite run sampling every point t >= 0 (as the paper does; the others sample
@@ -178,7 +178,7 @@ wait
 score_more minpos0 "${RUNS}-minpos0/overwrite-n16/adapter"
 score_more full3e-4 "${RUNS}-full3e-4/overwrite-n16/adapter"
 for data in wiki owt; do
-  .venv/bin/python scripts/paired.py "$more/minpos0-$data/eval.json:overwrite-n16=t>=0" \
+  $DCA compare --columns "$more/minpos0-$data/eval.json:overwrite-n16=t>=0" \
     "$more/full3e-4-$data/eval.json:overwrite-n16=full-3e-4" "$more/$data/eval.json:pause-n16=pause" \
     "$more/$data/eval.json:overwrite-n16=lora-t>=15" > "$more/paired-session10-$data.md"
 done
@@ -212,7 +212,7 @@ wait
 score_more 2400-overwrite "$RUNS_2400/overwrite-n16/adapter"
 score_more 2400-pause "$RUNS_2400/pause-n16/adapter"
 for data in wiki owt; do
-  .venv/bin/python scripts/paired.py "$more/2400-overwrite-$data/eval.json:overwrite-n16=overwrite-2400" \
+  $DCA compare --columns "$more/2400-overwrite-$data/eval.json:overwrite-n16=overwrite-2400" \
     "$more/2400-pause-$data/eval.json:pause-n16=pause-2400" "$more/$data/eval.json:overwrite-n16=overwrite-1200" \
     "$more/$data/eval.json:pause-n16=pause-1200" > "$more/paired-2400-$data.md"
 done
@@ -238,7 +238,7 @@ RUNS=$RUNS_JOINT run overwrite16-plus16 --num-latents 32 --num-overwritten 16 --
   --latent-positions overwrite >> "$RUNS_JOINT/overwrite16-plus16.log" 2>&1
 score_more joint "$RUNS_JOINT/overwrite16-plus16/adapter" untrained
 for data in wiki owt; do
-  .venv/bin/python scripts/paired.py "$more/joint-$data/eval.json:overwrite16-plus16=both-kinds" \
+  $DCA compare --columns "$more/joint-$data/eval.json:overwrite16-plus16=both-kinds" \
     "$more/$data/eval.json:overwrite-n16=overwrite" "$more/$data/eval.json:pause-n16=pause" \
     > "$more/paired-joint-$data.md"
 done
@@ -253,7 +253,7 @@ for split in wiki:0.05 owt:0.9; do
     --no-untrained --coprocessors "$RUNS_300-joint/plus16-before-overwrite16/adapter" --sequences 128 --positions 8 \
     --min-position 15 --batch-size 16 --out "$window" > "$RUNS_300-joint/eval-window-$data.log" 2>&1
   joint=$REPORT/budget-300-joint/$data/eval.json
-  .venv/bin/python scripts/paired.py "$window/eval.json:plus16-before-overwrite16=window" \
+  $DCA compare --columns "$window/eval.json:plus16-before-overwrite16=window" \
     "$joint:overwrite16-plus16=point" "$joint:overwrite-n16=overwrite" "$joint:pause-n16=pause" > "$window/paired.md"
 done
 # ... a second seed of it (another data order and LoRA initialisation), scored and paired the same way
@@ -268,7 +268,7 @@ for split in wiki:0.05 owt:0.9; do
     --no-untrained --coprocessors "$RUNS_300-joint-seed1/plus16-before-overwrite16/adapter" --sequences 128 \
     --positions 8 --min-position 15 --batch-size 16 --out "$window" > "$RUNS_300-joint-seed1/eval-$data.log" 2>&1
   joint=$REPORT/budget-300-joint/$data/eval.json
-  .venv/bin/python scripts/paired.py "$window/eval.json:plus16-before-overwrite16=window-seed1" \
+  $DCA compare --columns "$window/eval.json:plus16-before-overwrite16=window-seed1" \
     "$REPORT/budget-300-window/$data/eval.json:plus16-before-overwrite16=window-seed0" \
     "$joint:overwrite-n16=overwrite" "$joint:pause-n16=pause" > "$window/paired.md"
 done
@@ -277,7 +277,7 @@ RUNS=$RUNS_JOINT run plus16-before-overwrite16 --num-latents 32 --num-overwritte
   --lora-rank 16 --latent-positions overwrite >> "$RUNS_JOINT/plus16-before-overwrite16.log" 2>&1
 score_more window "$RUNS_JOINT/plus16-before-overwrite16/adapter"
 for data in wiki owt; do
-  .venv/bin/python scripts/paired.py "$more/window-$data/eval.json:plus16-before-overwrite16=window" \
+  $DCA compare --columns "$more/window-$data/eval.json:plus16-before-overwrite16=window" \
     "$more/$data/eval.json:overwrite-n16=overwrite" "$more/$data/eval.json:pause-n16=pause" \
     > "$more/paired-window-$data.md"
 done

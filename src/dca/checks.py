@@ -3,6 +3,7 @@ raised before any model or data is loaded."""
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from pathlib import Path
@@ -111,6 +112,16 @@ def check_coprocessor(name: str, value: str) -> Path:
     if not (folder / CONFIG_NAME).is_file():
         raise ArgumentError(name, f"{value} is not a saved coprocessor (no {CONFIG_NAME})")
     return folder
+
+
+def read_json_file(name: str, path: str, what: str) -> Any:
+    """The JSON value in the file at `path`, or an `ArgumentError` naming `name` that says it is not `what`."""
+    try:
+        return json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise ArgumentError(name, f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArgumentError(name, f"{path} is not {what}: {err}") from None
 
 
 def check_writable_dir(name: str, value: str | Path) -> Path:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import shlex
 import sys
 import types
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from dca.checks import read_json_file
 from dca.errors import ArgumentError, DCAError
 
 
@@ -72,12 +72,7 @@ def dataclass_from_namespace(cls: type, namespace: argparse.Namespace, nested: b
 def config_defaults(cls: type, path: str, command: str) -> dict[str, Any]:
     """The arguments of `cls` in the JSON file at `path`, keyed like the options (a nested dataclass, e.g. the
     CoprocessorConfig of a run's args.json, by its own field names), checked before anything runs."""
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except FileNotFoundError:
-        raise ArgumentError("config", f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArgumentError("config", f"{path} is not a JSON file of arguments: {err}") from None
+    data = read_json_file("config", path, "a JSON file of arguments")
     if not isinstance(data, dict):
         raise ArgumentError("config", f"{path} must hold a JSON object of arguments, not {type(data).__name__}")
     return _flatten(cls, data, path, command)
@@ -104,11 +99,21 @@ def _flatten(cls: type, data: dict[str, Any], path: str, command: str) -> dict[s
     return values
 
 
+def invoked_command(command: str, args: Any) -> str:
+    """The command line that reproduces a run of `dca COMMAND` (for its report), or the arguments' repr when it was
+    called from Python."""
+    words = command.split()
+    if sys.argv[1:1 + len(words)] == words:
+        return " ".join(["dca", command, shlex.join(sys.argv[1 + len(words):])]).strip()
+    return repr(dataclasses.asdict(args))
+
+
 def _typed(argv: list[str], option: str) -> bool:
     return any(arg == option or arg.startswith(option + "=") for arg in argv)
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from dca.eval.compare import CompareArgs, run_compare
     from dca.eval.eval_suite import EvalArgs, run_eval
     from dca.serve.bench import BenchServeArgs, run_bench_serve
     from dca.serve.generate import GenerateArgs, run_generate
@@ -124,6 +129,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "demo": (DemoArgs, run_demo, "the whole story on SmolLM2-135M and held-out Wikipedia, in minutes"),
         "train": (TrainArgs, train, "train a coprocessor for a frozen model on plain text"),
         "eval": (EvalArgs, run_eval, "the paper's tables for saved coprocessors, beside the frozen model"),
+        "compare": (CompareArgs, run_compare, "pair coprocessors of separate `dca eval` runs, on their shared points"),
         "bench": (BenchArgs, run_bench, "time one training step: one-pass vs sequential vs fine-tuning"),
         "init-study": (InitStudyArgs, run_init_study, "how much each latent mapping hurts before training"),
         "testbed": (TestbedArgs, run_testbed, "does the coprocessor add serial computation? synthetic tasks, CPU"),

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from tiny_models import toy_model_and_corpus
 
 from dca import AugmentedLM, CoprocessorConfig
 from dca.errors import ArgumentError
+from dca.eval.compare import CompareArgs, run_compare
 from dca.eval.eval_suite import EvalArgs, coprocessor_labels, plot_accuracy_by_latents, run_eval
 from dca.eval.evaluate import KS, held_out_eval_set, perplexity_by_position
 from dca.resources import load_model
@@ -41,7 +40,7 @@ def assets(tmp_path_factory):
     return model_dir, corpus, paths
 
 
-def test_table1_for_several_coprocessors(assets, tmp_path):
+def test_table1_for_several_coprocessors(assets, tmp_path, capsys):
     model_dir, corpus, paths = assets
     result = run_eval(EvalArgs(coprocessors=paths, model=model_dir, data=corpus, sequences=3, seq_len=40,
                                positions=2, bootstrap=50, out=str(tmp_path)))
@@ -68,21 +67,13 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
     assert all(low <= rel <= high for low, rel, high in zip(paired["ci_low"], paired["rel_change"], paired["ci_high"],
                                                              strict=True))
     assert "| k | copro vs pause |" in text
-    # scripts/paired.py pairs columns of separate runs the same way (here both from this one)
-    script = Path(__file__).resolve().parents[2] / "scripts" / "paired.py"
-    printed = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro", f"{tmp_path}/eval.json:pause",
-                              "--bootstrap", "50"], capture_output=True, text=True, check=True).stdout
-    assert printed.strip() in text
-    # relabelled, one coprocessor against itself: no change at any k, and nothing to resample
-    itself = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro=a",
-                             f"{tmp_path}/eval.json:copro=b", "--bootstrap", "50"], capture_output=True, text=True,
-                            check=True).stdout
-    rows = [line for line in itself.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert "| k | a vs b |" in itself and len(rows) == len(paired["rel_change"])
-    assert all(row.split("|")[2].strip() == "+0.00% [+0.0, +0.0]" for row in rows), rows
-    twice = subprocess.run([sys.executable, str(script), f"{tmp_path}/eval.json:copro", f"{tmp_path}/eval.json:copro"],
-                           capture_output=True, text=True)
-    assert twice.returncode == 2 and "copro is named twice" in twice.stderr
+    # `dca compare` pairs columns of separate runs the same way (here both from this one)
+    capsys.readouterr()
+    compared = run_compare(CompareArgs(columns=[f"{tmp_path}/eval.json:copro", f"{tmp_path}/eval.json:pause"],
+                                      bootstrap=50))
+    for key in ("rel_change", "ci_low", "ci_high"):  # the same resamples too
+        assert compared["table1_paired"]["copro vs pause"][key] == pytest.approx(paired[key], rel=1e-6)
+    assert capsys.readouterr().out.strip() in text  # the table it prints is the one eval.md has
     without = run_eval(EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40,
                                 positions=2, bootstrap=50, untrained=False, out=str(tmp_path / "plain")))
     assert "table1_untrained" not in without and "untrained |" not in (tmp_path / "plain" / "eval.md").read_text()
@@ -91,8 +82,6 @@ def test_table1_for_several_coprocessors(assets, tmp_path):
 
 
 def test_min_position_and_point_seed_choose_the_points(assets, tmp_path):
-    from dca.errors import ArgumentError
-
     model_dir, corpus, paths = assets
     args = EvalArgs(coprocessors=paths[:1], model=model_dir, data=corpus, sequences=3, seq_len=40, positions=2,
                     ks=[1, 2], min_position=20, point_seed=7, bootstrap=20, untrained=False, out=str(tmp_path))

@@ -11,8 +11,6 @@ Writes eval.json, eval.md and plots into `--out`; the exact command is recorded 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from dca.checks import (
     check_writable_dir,
     resolve_device,
 )
+from dca.cli import invoked_command
 from dca.config import earliest_point, help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.eval.benchmarks import BENCHMARKS, Benchmark, Item, score_generation, score_multiple_choice
@@ -193,7 +192,7 @@ def run_eval(args: EvalArgs) -> dict:
         ArgumentError: a bad argument or a missing model, corpus or coprocessor (before any scoring).
         ResourceError: benchmark data that is not installed (before any scoring).
     """
-    command = "dca eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else repr(asdict(args))
+    command = invoked_command("eval", args)
     args.check_sources()
     out = Path(args.out)
     try:

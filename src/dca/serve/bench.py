@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +22,7 @@ import torch
 
 from dca.atomic import write_file
 from dca.checks import check_device, check_int, check_writable_dir
+from dca.cli import invoked_command
 from dca.config import help_meta
 from dca.errors import ArgumentError
 from dca.serve.server import ServeArgs, create_app, engine_for, start_in_thread
@@ -116,8 +115,7 @@ def markdown(result: dict) -> str:
 
 def run_bench_serve(args: BenchServeArgs) -> dict:
     out = check_writable_dir("out", args.out)
-    command = " ".join(["dca bench-serve", shlex.join(sys.argv[2:])]).strip() if sys.argv[1:2] == ["bench-serve"] \
-        else repr(asdict(args))
+    command = invoked_command("bench-serve", args)
     serve_args = ServeArgs(model=args.model, coprocessor=args.coprocessor, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, device=args.device)
     engine, name = engine_for(serve_args)
