@@ -51,6 +51,7 @@ def test_pairs_columns_of_separate_reports(tmp_path, capsys):
     assert saved["table1_paired"]["a vs b"] == paired and saved["columns"] == {"a": f"{first}:copro",
                                                                                "b": f"{second}:copro"}
     assert printed.strip() in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 1000
     # one column against itself, relabelled: no change at any k, and nothing to resample
     itself = run_compare(CompareArgs(columns=[f"{first}:copro=x", f"{first}:copro=y"], bootstrap=50))
     assert itself["table1_paired"]["x vs y"] == {"ks": KS, "rel_change": [0.0, 0.0], "ci_low": [0.0, 0.0],

@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from dca.atomic import write_file
 from dca.checks import check_int, check_writable_dir, read_json_file
@@ -24,6 +25,7 @@ from dca.config import help_meta
 from dca.errors import ArgumentError
 from dca.eval.eval_suite import paired_markdown, paired_table
 from dca.eval.evaluate import PositionReport
+from dca.studies.demo import plot_positions
 
 # `dca eval` arguments that choose the sequences and the points (a min_position left at its default resolves from
 # the coprocessors' configs, which is why the base perplexities are compared as well)
@@ -118,7 +120,7 @@ def check_same_points(columns: list[Column]) -> None:
 
 def run_compare(args: CompareArgs) -> dict:
     """Pair every two columns ("a vs b": a's perplexity against b's, k by k, 95 % interval from resampling sequences
-    for both at once); prints the table, and writes compare.md and compare.json into `args.out` if given.
+    for both at once); prints the table, and writes compare.md, compare.json and compare.png into `args.out` if given.
 
     Raises:
         ArgumentError: a column that cannot be read, or columns not scored on the same points (before any resampling).
@@ -134,5 +136,8 @@ def run_compare(args: CompareArgs) -> dict:
     if args.out is not None:
         out = Path(args.out)
         write_file(out / "compare.json", json.dumps(result, indent=2))
-        write_file(out / "compare.md", f"# dca compare\n\nReproduce: `{command}`\n\n{table}\n")
+        write_file(out / "compare.md", f"# dca compare\n\nReproduce: `{command}`\n\n{table}\n\n"
+                   "![paired change by k](compare.png)\n")
+        plot_positions({pair: SimpleNamespace(**change) for pair, change in paired.items()}, out / "compare.png",
+                       "a vs b: a's perplexity against b's on the same points, paired 95% intervals")
     return result
