@@ -84,6 +84,8 @@ def test_the_command_line(tmp_path, capsys):
     (["{a}:copro", "{dir}/no_table.json:copro=b"], "holds no Table 1"),
     (["{a}:copro", "{a}:pause"], "has no coprocessor 'pause'; it has copro"),
     (["{a}:copro", "{dir}/old.json:copro=b"], "no per-sequence losses"),
+    (["{a}:copro", "{dir}/ragged.json:copro=b"], "is damaged"),
+    (["{a}:copro", "{dir}/nan.json:copro=b"], "non-finite"),
     (["{a}:copro", "{dir}/late.json:copro=b"], "other points: min_position 100 vs 15"),
     (["{a}:copro", "{dir}/fewer.json:copro=b"], "scored other tokens"),
     (["{a}:copro", "{dir}/other_text.json:copro=b"], "other text: the frozen decoder's perplexity at k = 2"),
@@ -96,6 +98,8 @@ def test_refuses_what_cannot_be_paired(tmp_path, columns, message):
     old = report(B)
     old["sequence_nll"] = old["sequence_counts"] = None
     write_eval(tmp_path / "old.json", {"copro": old})
+    write_eval(tmp_path / "ragged.json", {"copro": report([[1.0, 2.0], [3.0], [4.0, 5.0]])})
+    write_eval(tmp_path / "nan.json", {"copro": report([[1.0, 2.0], [3.0, float("nan")], [4.0, 5.0]])})
     write_eval(tmp_path / "late.json", {"copro": report(B)}, min_position=100)
     write_eval(tmp_path / "fewer.json", {"copro": report(B[:2], counts=COUNTS[:2])})
     write_eval(tmp_path / "other_text.json", {"copro": report(B, base_ppl=(20.0, 18.1))})

@@ -94,6 +94,14 @@ def load_column(column: str) -> Column:
     if report.sequence_nll is None or report.sequence_counts is None:
         raise ArgumentError("columns", f"{path}: {name} has no per-sequence losses (a report from before they "
                             "were kept): score it again with `dca eval` to pair it")
+    k = len(report.ks)
+    rows = [report.base_ppl, *report.sequence_nll, *report.sequence_counts]
+    if (len(report.sequence_nll) != len(report.sequence_counts) or not report.sequence_nll
+            or any(not isinstance(row, list) or len(row) != k for row in rows)):
+        raise ArgumentError("columns", f"{path}: {name} is damaged: its per-sequence losses are not one row of "
+                            f"{k} values per sequence")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for row in rows for v in row):
+        raise ArgumentError("columns", f"{path}: {name} holds a non-finite or non-numeric loss")
     return Column(label, path, name, report, data.get("args") or {})
 
 
