@@ -2,7 +2,8 @@
 
 import pytest
 
-from dca.cli import main
+from dca.cli import invoked_command, main
+from dca.eval.compare import CompareArgs
 
 
 @pytest.mark.parametrize("command", ["train", "demo", "bench", "init-study"])
@@ -194,3 +195,14 @@ def test_a_bad_config_file_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
         assert main(["train", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_report_records_the_command_that_reproduces_it(monkeypatch):
+    args = CompareArgs(columns=["a.json:x", "b.json:y"])
+    monkeypatch.setattr("sys.argv", ["/venv/bin/dca", "compare", "--columns", "a.json:x", "b dir/e.json:y"])
+    assert invoked_command("compare", args) == "dca compare --columns a.json:x 'b dir/e.json:y'"
+    monkeypatch.setattr("sys.argv", ["/venv/bin/dca", "cache", "build", "--out", "s"])
+    assert invoked_command("cache build", args) == "dca cache build --out s"
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])  # called from Python: the arguments themselves
+    assert invoked_command("compare", args) == repr({"columns": ["a.json:x", "b.json:y"], "bootstrap": 1000,
+                                                     "out": None})
