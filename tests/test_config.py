@@ -1,7 +1,12 @@
+import dataclasses
+import typing
+
 import pytest
 
 from dca import CoprocessorConfig
+from dca.checks import literal_choices
 from dca.config import earliest_point
+from dca.errors import ArgumentError
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -25,6 +30,17 @@ from dca.config import earliest_point
 def test_invalid_values_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CoprocessorConfig(**kwargs)
+
+
+def test_every_choice_field_refuses_a_value_outside_its_literal():
+    hints = typing.get_type_hints(CoprocessorConfig)
+    choice_fields = [f.name for f in dataclasses.fields(CoprocessorConfig) if literal_choices(hints[f.name])]
+    assert set(choice_fields) == {"method", "init", "soft_token_attention", "latent_source", "latent_scale",
+                                  "soft_token_init", "latent_anchor", "latent_positions", "appended_at"}
+    for name in choice_fields:
+        with pytest.raises(ArgumentError, match=f"{name} must be one of") as caught:
+            CoprocessorConfig(**{name: "bogus"})
+        assert caught.value.argument == name
 
 
 def test_round_trips_through_a_dict():

@@ -3,9 +3,13 @@ raised before any model or data is loaded."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import secrets
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,33 @@ from dca.errors import ArgumentError
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ArgumentError(name, f"must be one of {choices}, got {value!r}")
+
+
+def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` annotation allows (also inside ``Literal[...] | None``), or None for any other."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found = [c for c in map(literal_choices, typing.get_args(annotation)) if c is not None]
+        return found[0] if found else None
+    return None
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_literal_fields(instance: Any) -> None:
+    """Every field of the dataclass `instance` annotated ``Literal[...]`` holds one of its values (or None, where the
+    annotation allows it): the one list of choices that type checkers, this check and `dca.cli` all read."""
+    hints = _field_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        choices = literal_choices(hints[f.name])
+        value = getattr(instance, f.name)
+        if choices is not None and not (value is None and type(None) in typing.get_args(hints[f.name])):
+            check_choice(f.name, value, choices)
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> None:

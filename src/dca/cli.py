@@ -16,13 +16,15 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from dca.checks import read_json_file
+from dca.checks import literal_choices, read_json_file
 from dca.errors import ArgumentError, DCAError
 
 
 def _field_type(annotation: Any) -> tuple[Any, bool]:
     """(base type, is_list) for annotations like int, str | None, list[str]."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:  # its values are the option's choices (`literal_choices`)
+        return type(typing.get_args(annotation)[0]), False
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _field_type(args[0])
@@ -55,7 +57,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, nested: 
             # a "repeatable" list gathers every use of its option (`--prompt A --prompt B`), not just the last
             parser.add_argument(flag, dest=f.name, type=base, nargs="+" if is_list else None, default=value,
                                 action="extend" if f.metadata.get("repeatable") else "store",
-                                choices=f.metadata.get("choices"), help=help_text)
+                                choices=literal_choices(hints[f.name]), help=help_text)
 
 
 def dataclass_from_namespace(cls: type, namespace: argparse.Namespace, nested: bool = False) -> Any:

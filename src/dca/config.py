@@ -29,29 +29,32 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from dca.checks import check_choice, check_int, check_number
+from dca.checks import check_choice, check_int, check_literal_fields, check_number
 from dca.errors import ArgumentError
 
-METHODS = ("coprocessor", "pause")
-INITS = ("decoder", "scratch")
-SOFT_TOKEN_ATTENTION = ("causal", "full")
-LATENT_SOURCES = ("final_norm", "pre_norm")
-LATENT_SCALES = ("none", "embed_rms", "learned", "gated")
-SOFT_TOKEN_INITS = ("vocab_sample", "vocab_mean", "normal")
-LATENT_ANCHORS = ("none", "last_token", "replay")
-LATENT_POSITIONS = ("after", "shared", "replay", "overwrite")  # dca.masks lays each out
-APPENDED_AT = ("point", "window")  # where "overwrite"'s N - R appended latents go: after x[t], or before x[t-R+1]
+Method = Literal["coprocessor", "pause"]
+Init = Literal["decoder", "scratch"]
+SoftTokenAttention = Literal["causal", "full"]
+LatentSource = Literal["final_norm", "pre_norm"]
+LatentScale = Literal["none", "embed_rms", "learned", "gated"]
+SoftTokenInit = Literal["vocab_sample", "vocab_mean", "normal"]
+LatentAnchor = Literal["none", "last_token", "replay"]
+LatentPositions = Literal["after", "shared", "replay", "overwrite"]  # dca.masks lays each out
+AppendedAt = Literal["point", "window"]  # where "overwrite"'s N - R appended latents go: after x[t], or before x[t-R+1]
+Preset = Literal["dca", "paper"]
+METHODS, LATENT_SOURCES, LATENT_POSITIONS, PRESETS = map(get_args, (Method, LatentSource, LatentPositions, Preset))
 # The paper's literal method, field by field: dca's defaults differ in latent_scale, latent_anchor, latent_positions
 PAPER_FIELDS: dict[str, Any] = {"latent_source": "final_norm", "latent_scale": "none", "latent_anchor": "none",
                                 "latent_positions": "after", "init": "decoder"}
 PRESETS = ("dca", "paper")
 
 
-def help_meta(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Dataclass field metadata that `dca.cli` turns into an argument's help (and choices)."""
-    return {"help": help_text, "choices": choices} if choices else {"help": help_text}
+def help_meta(help_text: str) -> dict[str, Any]:
+    """Dataclass field metadata that `dca.cli` turns into an argument's help (a ``Literal`` field's annotation gives
+    its choices)."""
+    return {"help": help_text}
 
 
 def legacy_meta(value: object) -> dict[str, object]:
@@ -135,27 +138,27 @@ class CoprocessorConfig:
             last latent is still the one in place of x[t] and the text is as near it as under R = N.
     """
 
-    method: str = field(default="coprocessor", metadata=help_meta("coprocessor, or the pause-token baseline", METHODS))
+    method: Method = field(default="coprocessor", metadata=help_meta("coprocessor, or the pause-token baseline"))
     num_latents: int = field(default=16, metadata=help_meta("N, latents per augmentation"))
     num_ahead: int = field(default=16, metadata=help_meta("A, ahead tokens scored after each augmentation"))
-    init: str = field(default="decoder", metadata=help_meta("coprocessor weights at start", INITS))
+    init: Init = field(default="decoder", metadata=help_meta("coprocessor weights at start"))
     lora_rank: int | None = field(default=None, metadata=help_meta("LoRA rank (unset: train the full coprocessor)"))
     lora_alpha: float | None = field(default=None, metadata=help_meta("LoRA alpha (default 2 x rank)"))
     lora_target_modules: str | list[str] = field(default="all-linear", metadata=help_meta("peft target_modules"))
-    soft_token_attention: str = field(default="causal", metadata=help_meta("among soft tokens", SOFT_TOKEN_ATTENTION))
-    latent_source: str = field(default="final_norm", metadata=help_meta("where latents are read", LATENT_SOURCES))
-    latent_scale: str = field(default="gated", metadata=help_meta("latents -> embedding space", LATENT_SCALES))
-    latent_anchor: str = field(default="replay", metadata=help_meta("what latents are added to", LATENT_ANCHORS))
+    soft_token_attention: SoftTokenAttention = field(default="causal", metadata=help_meta("among soft tokens"))
+    latent_source: LatentSource = field(default="final_norm", metadata=help_meta("where latents are read"))
+    latent_scale: LatentScale = field(default="gated", metadata=help_meta("latents -> embedding space"))
+    latent_anchor: LatentAnchor = field(default="replay", metadata=help_meta("what latents are added to"))
     gate_init: float = field(default=0.0, metadata=help_meta("start value of the 'gated' latent scale"))
-    soft_token_init: str = field(default="vocab_mean", metadata=help_meta("soft tokens at start", SOFT_TOKEN_INITS))
+    soft_token_init: SoftTokenInit = field(default="vocab_mean", metadata=help_meta("soft tokens at start"))
     init_seed: int = field(default=0, metadata=help_meta("seeds soft tokens and scratch weights"))
-    latent_positions: str | None = field(default=None, metadata=help_meta(
-        "position ids of latents (default: overwrite with the replay anchor, else after)", LATENT_POSITIONS))
+    latent_positions: LatentPositions | None = field(default=None, metadata=help_meta(
+        "position ids of latents (default: overwrite with the replay anchor, else after)"))
     num_overwritten: int | None = field(default=None, metadata=legacy_meta(None) | help_meta(
         "under overwrite: latents that replace prompt entries (default all N; the rest are appended after t)"))
-    appended_at: str = field(default="point", metadata=legacy_meta("point") | help_meta(
+    appended_at: AppendedAt = field(default="point", metadata=legacy_meta("point") | help_meta(
         "under overwrite with num_overwritten < N: the appended latents follow x[t] (point) or come before the "
-        "replacing ones (window)", APPENDED_AT))
+        "replacing ones (window)"))
 
     def __post_init__(self) -> None:
         if self.latent_positions is None:
@@ -163,9 +166,7 @@ class CoprocessorConfig:
             self.latent_positions = "overwrite" if replaying else "after"
         check_int("num_latents", self.num_latents)
         check_int("num_ahead", self.num_ahead)
-        for f in dataclasses.fields(self):
-            if "choices" in f.metadata:
-                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        check_literal_fields(self)
         check_number("gate_init", self.gate_init)
         if self.method == "pause" and self.lora_rank is not None:
             raise ArgumentError("lora_rank", "must be unset for pause tokens: they have no transformer to adapt")

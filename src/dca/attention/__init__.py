@@ -4,13 +4,16 @@ with a block mask: the fused CUDA path); `auto`, the default, takes flex where i
 and grouped elsewhere. Importing this package registers both implementations with transformers'
 `AttentionInterface`, once each, under their own names."""
 
+from typing import Literal, get_args
+
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from dca.attention.flex import FLEX, FlexLayout, flex_group_attention, flex_supported, group_mask_mod
 from dca.attention.grouped import GROUPED, GroupLayout, grouped_attention, use_grouped_attention
 
-GROUP_ATTENTION = ("auto", "grouped", "flex", "dense")  # AugmentedLM.group_attention
+GroupAttention = Literal["auto", "grouped", "flex", "dense"]  # AugmentedLM.group_attention
+GROUP_ATTENTION = get_args(GroupAttention)
 
 for _name, _function in ((GROUPED, grouped_attention), (FLEX, flex_group_attention)):
     _registered = AttentionInterface._global_mapping.get(_name)
@@ -21,5 +24,5 @@ for _name, _function in ((GROUPED, grouped_attention), (FLEX, flex_group_attenti
     # the additive ones, which eager and SDPA attention both take; group passes hand in a ready 4D mask and skip this
     AttentionMaskInterface.register(_name, eager_mask)
 
-__all__ = ["FLEX", "GROUPED", "GROUP_ATTENTION", "FlexLayout", "GroupLayout", "flex_group_attention", "flex_supported",
-           "group_mask_mod", "grouped_attention", "use_grouped_attention"]
+__all__ = ["FLEX", "GROUPED", "GROUP_ATTENTION", "FlexLayout", "GroupAttention", "GroupLayout", "flex_group_attention",
+           "flex_supported", "group_mask_mod", "grouped_attention", "use_grouped_attention"]

@@ -11,12 +11,13 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 # what a request's `augment` may say (and `dca serve --augment`, by name): each value is passed to
-# AugmentedLM.generate(augment=...) as it is, so a new mode of generate needs only a line here
+# AugmentedLM.generate(augment=...) as it is, so a new mode of generate needs only its name and value here
 # ("async": decoding starts at once and the latents are written in when ready, dca.serve.asynchronous)
-AUGMENT_OPTIONS: dict[str, Any] = {"true": True, "false": False, "async": "async"}
+AugmentOption = Literal["true", "false", "async"]
+AUGMENT_OPTIONS: dict[str, Any] = dict(zip(get_args(AugmentOption), (True, False, "async"), strict=True))
 AUGMENT_VALUES: tuple[Any, ...] = tuple(AUGMENT_OPTIONS.values())
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512  # chat's default is "the rest of the context", capped at this

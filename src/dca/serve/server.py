@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dca.checks import check_choice, check_device, check_int, check_number
+from dca.checks import check_device, check_int, check_literal_fields, check_number
 from dca.config import help_meta
 from dca.errors import ArgumentError, ResourceError
 from dca.serve.batch import Row, Sampling
@@ -34,6 +34,7 @@ from dca.serve.protocol import (
     AUGMENT_OPTIONS,
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
+    AugmentOption,
     Request,
     RequestError,
     choice,
@@ -60,8 +61,7 @@ class ServeArgs:
     max_queue: int = field(default=64, metadata=help_meta("waiting requests beyond which new ones get a 503"))
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, ..."))
     served_name: str = field(default="", metadata=help_meta("the model id clients name (default: the model's)"))
-    augment: str = field(default="true", metadata=help_meta("what a request without an `augment` field gets",
-                                                            tuple(AUGMENT_OPTIONS)))
+    augment: AugmentOption = field(default="true", metadata=help_meta("what a request without an `augment` field gets"))
     store: str | None = field(default=None, metadata=help_meta(
         "a store of augmented contexts (`dca cache build`): prompts that start with a stored document reuse it"))
 
@@ -73,7 +73,7 @@ class ServeArgs:
         check_int("max_queue", self.max_queue)
         check_number("max_wait_ms", self.max_wait_ms, low=0.0, high=60_000.0)
         check_device("device", self.device)
-        check_choice("augment", self.augment, tuple(AUGMENT_OPTIONS))
+        check_literal_fields(self)
         if self.store is not None and not Path(self.store).expanduser().is_dir():
             raise ArgumentError("store", f"no such store folder: {self.store} (build one with `dca cache build`)")
 

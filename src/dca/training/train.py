@@ -31,17 +31,17 @@ from tqdm.auto import tqdm
 
 from dca.adapter import decoder_fingerprint
 from dca.atomic import recover, write_file
-from dca.attention import GROUP_ATTENTION
+from dca.attention import GroupAttention
 from dca.checks import (
-    check_choice,
     check_data_source,
     check_device,
     check_int,
+    check_literal_fields,
     check_model_source,
     check_number,
     check_writable_dir,
 )
-from dca.config import PRESETS, CoprocessorConfig, drop_legacy, earliest_point, help_meta, legacy_meta
+from dca.config import CoprocessorConfig, Preset, drop_legacy, earliest_point, help_meta, legacy_meta
 from dca.errors import ArgumentError, DataError, TrainingDiverged
 from dca.eval.evaluate import token_losses_by_distance
 from dca.model import AugmentedLM
@@ -77,9 +77,9 @@ class TrainArgs:
                                                      "datasets name"))
     out: str = field(default="runs/train", metadata=help_meta("run folder (resumed if it holds a checkpoint)"))
     coprocessor: CoprocessorConfig = field(default_factory=CoprocessorConfig)
-    preset: str = field(default="dca", metadata=help_meta(
+    preset: Preset = field(default="dca", metadata=help_meta(
         "where the coprocessor's fields start: paper (the paper's literal method, CoprocessorConfig.paper) or dca "
-        "(dca's own default); the command line applies it and any coprocessor option given overrides it", PRESETS))
+        "(dca's own default); the command line applies it and any coprocessor option given overrides it"))
     positions: int = field(default=16, metadata=help_meta("P, insertion points sampled per sequence"))
     max_delay: int = field(default=0, metadata=legacy_meta(0) | help_meta(
         "delay-robust training: each group's latents, computed from x[0..t], are inserted after x[t+d], d drawn "
@@ -107,9 +107,9 @@ class TrainArgs:
     device: str = field(default="auto", metadata=help_meta("auto, cpu, cuda, cuda:1, ..."))
     bf16: bool | None = field(default=None, metadata=help_meta("bf16 autocast (default: where the device supports it)"))
     progress: bool = field(default=True, metadata=help_meta("show a progress bar"))
-    group_attention: str = field(default="auto", metadata=help_meta(
+    group_attention: GroupAttention = field(default="auto", metadata=help_meta(
         "how the P groups attend: grouped (linear in P), flex (flex attention, CUDA), the dense reference mask, or "
-        "auto (flex on CUDA, else grouped)", GROUP_ATTENTION))
+        "auto (flex on CUDA, else grouped)"))
     activation_checkpointing: bool = field(default=False, metadata=help_meta(
         "keep only each layer's input in the group passes and recompute the rest in backward (less memory)"))
     max_bad_steps: int = field(default=5, metadata=help_meta("stop after this many consecutive steps whose loss or "
@@ -143,8 +143,7 @@ class TrainArgs:
         if self.max_delay > self.seq_len - 2:
             raise ArgumentError("max_delay", f"({self.max_delay}) must be below seq_len - 1 ({self.seq_len - 1})")
         check_device("device", self.device)
-        check_choice("group_attention", self.group_attention, GROUP_ATTENTION)
-        check_choice("preset", self.preset, PRESETS)
+        check_literal_fields(self)
         if isinstance(self.coprocessor, dict):  # from args.json
             self.coprocessor = CoprocessorConfig.from_dict(self.coprocessor)
         first = self.first_position()
