@@ -279,6 +279,6 @@ score_more window "$RUNS_JOINT/plus16-before-overwrite16/adapter"
 for data in wiki owt; do
   $DCA compare --columns "$more/window-$data/eval.json:plus16-before-overwrite16=window" \
     "$more/$data/eval.json:overwrite-n16=overwrite" "$more/$data/eval.json:pause-n16=pause" \
-    > "$more/paired-window-$data.md"
+    "$more/paper-$data/eval.json:paper-n16=paper" --out "$more/compare-window-$data" > "$more/paired-window-$data.md"
 done
 echo "== long-cpu done ($(date -u +%H:%M))"
