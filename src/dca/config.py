@@ -48,7 +48,6 @@ METHODS, LATENT_SOURCES, LATENT_POSITIONS, PRESETS = map(get_args, (Method, Late
 # The paper's literal method, field by field: dca's defaults differ in latent_scale, latent_anchor, latent_positions
 PAPER_FIELDS: dict[str, Any] = {"latent_source": "final_norm", "latent_scale": "none", "latent_anchor": "none",
                                 "latent_positions": "after", "init": "decoder"}
-PRESETS = ("dca", "paper")
 
 
 def help_meta(help_text: str) -> dict[str, Any]:
