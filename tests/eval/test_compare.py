@@ -51,6 +51,7 @@ def test_pairs_columns_of_separate_reports(tmp_path, capsys):
     assert saved["table1_paired"]["a vs b"] == paired and saved["columns"] == {"a": f"{first}:copro",
                                                                                "b": f"{second}:copro"}
     assert printed.strip() in (out / "compare.md").read_text()
+    assert "sequence_nll" not in saved["table1"]["a"] and saved["table1"]["a"]["ks"] == KS  # kept in eval.json only
     assert (out / "compare.png").stat().st_size > 1000
     # one column against itself, relabelled: no change at any k, and nothing to resample
     itself = run_compare(CompareArgs(columns=[f"{first}:copro=x", f"{first}:copro=y"], bootstrap=50))

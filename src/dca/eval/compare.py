@@ -126,6 +126,11 @@ def check_same_points(columns: list[Column]) -> None:
                                     f"at k = {k} is {x:.4f} vs {y:.4f}")
 
 
+def summary(report: PositionReport) -> dict:
+    """A column's Table 1 without its per-sequence losses: those stay in the eval.json it came from."""
+    return {k: v for k, v in report.to_dict().items() if k not in ("sequence_nll", "sequence_counts")}
+
+
 def run_compare(args: CompareArgs) -> dict:
     """Pair every two columns ("a vs b": a's perplexity against b's, k by k, 95 % interval from resampling sequences
     for both at once); prints the table, and writes compare.md, compare.json and compare.png into `args.out` if given.
@@ -140,7 +145,7 @@ def run_compare(args: CompareArgs) -> dict:
     print(table)
     command = invoked_command("compare", args)
     result = {"command": command, "columns": {c.label: f"{c.path}:{c.name}" for c in columns},
-              "table1": {c.label: c.report.to_dict() for c in columns}, "table1_paired": paired}
+              "table1": {c.label: summary(c.report) for c in columns}, "table1_paired": paired}
     if args.out is not None:
         out = Path(args.out)
         write_file(out / "compare.json", json.dumps(result, indent=2))
